@@ -1,0 +1,499 @@
+"""Department-wide retrospective scoring job: files -> Ray Data -> Triton -> SQLite.
+
+Stages:
+
+1. Discover files and drop those that an earlier run already scored or skipped and
+   that have not changed since (size and modification time).
+2. Read headers without pixel data (Ray tasks) and group instances into series and
+   studies; files that are not DICOM, broken, not accepted by the model or duplicates
+   of an instance seen before go to the failures table.
+3. Decode and preprocess (Ray tasks), one row per frame.
+4. Send batches to Triton over gRPC from a pool of Ray actors.
+5. Collect frames per instance on the driver and write whole instances in
+   transactions; then recompute the study rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from clinfer.client.triton import ModelSpec, TritonModelClient
+from clinfer.export.repository import BATCH_PRIORITY
+from clinfer.workers import reasons
+from clinfer.workers.discovery import FileEntry, discover_files
+from clinfer.workers.results import Failure, InstanceResult, ResultStore
+from clinfer.workers.stages import DecodeStage, InferStage, scan_headers
+
+from clinfer.errors import ClinferError, ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.sqlite"
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+
+
+def hash_uid(uid: str) -> str:
+    """Return a short SHA-256 digest of a UID, for logs."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+@dataclass
+class JobOptions:
+    """Settings of one scoring job."""
+
+    paths: Sequence[str]
+    out_dir: Path
+    triton_urls: Sequence[str]
+    model: str
+    version: str | None = None
+    ray_address: str | None = None
+    batch_size: int = 32
+    infer_actors: int = 2
+    decode_batch_size: int = 4
+    header_batch_size: int = 64
+    strict: bool = False
+    priority: int = BATCH_PRIORITY
+    flush_every: int = 64
+
+
+@dataclass
+class JobSummary:
+    """Counts and timings of one job run, also stored in the ``jobs`` table."""
+
+    job_id: str
+    model: str
+    model_version: str
+    model_sha256: str
+    files_found: int = 0
+    files_unchanged: int = 0
+    instances_to_score: int = 0
+    instances_scored: int = 0
+    frames_scored: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    total_instances: int = 0
+    total_series: int = 0
+    total_studies: int = 0
+    wall_s: float = 0.0
+    status: str = "running"
+
+    @property
+    def instances_per_s(self) -> float:
+        return self.instances_scored / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames_scored / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            instances_per_s=self.instances_per_s, frames_per_s=self.frames_per_s
+        )
+        return data
+
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+
+
+def run_job(
+    options: JobOptions, progress: ProgressCallback | None = None
+) -> JobSummary:
+    """Run (or resume) a scoring job and return its summary.
+
+    Raises
+    ------
+    ClinferError
+        If the model cannot be reached or inference fails after retries. Results written
+        before the failure stay in the store, and a rerun resumes from them.
+    """
+    import ray
+
+    started = time.perf_counter()
+    if not options.triton_urls:
+        raise ConfigurationError("no Triton URL given; pass --triton-url")
+    spec = _fetch_spec(options)
+    job_id = uuid.uuid4().hex[:12]
+    out_dir = Path(options.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(
+        out_dir / RESULTS_FILE,
+        model_name=spec.name,
+        model_version=spec.version,
+        model_sha256=spec.sha256,
+    )
+    summary = JobSummary(job_id, spec.name, spec.version, spec.sha256)
+    store.start_job(job_id)
+    report = progress or (lambda stage, done, total: None)
+    logger.info(
+        "job %s: model %s:%s (sha256 %s)",
+        job_id,
+        spec.name,
+        spec.version,
+        spec.sha256[:12],
+    )
+
+    try:
+        files = discover_files(options.paths)
+        summary.files_found = len(files)
+        to_scan, unchanged = _split_unchanged(files, store)
+        summary.files_unchanged = unchanged
+        stats = {f.path: (f.size, f.mtime_ns) for f in files}
+        logger.info(
+            "job %s: %d files found, %d unchanged since an earlier run, %d to read",
+            job_id,
+            len(files),
+            unchanged,
+            len(to_scan),
+        )
+
+        _init_ray(options.ray_address)
+        instances = _scan(to_scan, options, spec, store, job_id, stats, report)
+        summary.instances_to_score = len(instances)
+        report("score", 0, len(instances))
+        if instances:
+            _score(instances, options, spec, store, job_id, stats, summary, report)
+        summary.status = "completed"
+    except BaseException as exc:
+        summary.status = (
+            "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        )
+        raise
+    finally:
+        try:
+            summary.total_studies = store.update_studies(
+                spec.positive_label, _negative_label(spec)
+            )
+            summary.total_instances = store.count("instances")
+            summary.total_series = store.series_count()
+            for (outcome, reason), count in sorted(store.failure_counts().items()):
+                target = (
+                    summary.failed if outcome == reasons.FAILED else summary.skipped
+                )
+                target[reason] = count
+            summary.wall_s = time.perf_counter() - started
+            store.finish_job(job_id, summary.status, summary.as_dict())
+        finally:
+            store.close()
+    logger.info(
+        "job %s: %d instances scored in %.1f s; %d failed, %d skipped",
+        job_id,
+        summary.instances_scored,
+        summary.wall_s,
+        sum(summary.failed.values()),
+        sum(summary.skipped.values()),
+    )
+    del ray
+    return summary
+
+
+def _negative_label(spec: ModelSpec) -> str:
+    others = [label for label in spec.labels if label != spec.positive_label]
+    return others[0] if others else "negative"
+
+
+def _fetch_spec(options: JobOptions) -> ModelSpec:
+    specs = []
+    for url in options.triton_urls:
+        client = TritonModelClient(url, options.model, options.version)
+        try:
+            client.wait_ready(timeout_s=60.0)
+            specs.append(client.fetch_spec())
+        finally:
+            client.close()
+    first = specs[0]
+    for url, other in zip(options.triton_urls[1:], specs[1:]):
+        if (other.version, other.sha256) != (first.version, first.sha256):
+            raise ConfigurationError(
+                f"Triton at {url} serves {other.name}:{other.version} (sha256 "
+                f"{other.sha256[:12]}) but {options.triton_urls[0]} serves version "
+                f"{first.version} (sha256 {first.sha256[:12]}); point every --triton-url "
+                "at the same model repository or pass --model NAME:VERSION."
+            )
+    return first
+
+
+def _split_unchanged(
+    files: list[FileEntry], store: ResultStore
+) -> tuple[list[FileEntry], int]:
+    known = store.known_files()
+    to_scan = []
+    unchanged = 0
+    for entry in files:
+        previous = known.get(entry.path)
+        if (
+            previous
+            and previous[:2] == (entry.size, entry.mtime_ns)
+            and previous[2]
+            in (
+                "scored",
+                "skipped",
+            )
+        ):
+            unchanged += 1
+        else:
+            to_scan.append(entry)
+    return to_scan, unchanged
+
+
+def _scan(
+    to_scan: list[FileEntry],
+    options: JobOptions,
+    spec: ModelSpec,
+    store: ResultStore,
+    job_id: str,
+    stats: dict[str, tuple[int, int]],
+    report: ProgressCallback,
+) -> list[dict[str, Any]]:
+    """Read headers, record rejected files and return the instances to score."""
+    import ray
+
+    report("scan", 0, len(to_scan))
+    if not to_scan:
+        return []
+    dataset = ray.data.from_items([{"path": f.path} for f in to_scan])
+    dataset = dataset.map_batches(
+        scan_headers,
+        batch_size=options.header_batch_size,
+        batch_format="numpy",
+        fn_kwargs={"strict": options.strict, "accepts": spec.accepts},
+    )
+    headers = sorted(dataset.take_all(), key=lambda row: str(row["path"]))
+    report("scan", len(to_scan), len(to_scan))
+
+    already_scored = store.scored_uids()
+    seen: dict[str, str] = {}
+    failures: list[Failure] = []
+    file_rows: list[tuple[str, int, int, str, str | None]] = []
+    instances: list[dict[str, Any]] = []
+    for row in headers:
+        path = str(row["path"])
+        uid = str(row["sop_instance_uid"]) or None
+        reason = str(row["reason"])
+        message = str(row["message"])
+        if (
+            reason == reasons.NOT_DICOM
+            and Path(path).suffix.lower() not in DICOM_SUFFIXES
+            and Path(path).suffix
+        ):
+            # A non-DICOM file with another suffix (README.txt, a .json sidecar) is
+            # skipped; one that claims to be DICOM by its name has failed.
+            reason = reasons.NON_DICOM_FILE
+        if not reason and uid in already_scored:
+            # The instance was scored from this file or another copy of it before.
+            file_rows.append((path, *stats[path], "scored", uid))
+            continue
+        if not reason and uid in seen:
+            reason = reasons.DUPLICATE_INSTANCE
+            message = (
+                f"{path}: SOPInstanceUID is the same as in {seen[uid]}, which is "
+                "scored instead; results are keyed on SOPInstanceUID."
+            )
+        if reason:
+            outcome = reasons.outcome_of(reason)
+            failures.append(Failure(path, outcome, reason, message, uid))
+            file_rows.append(
+                (
+                    path,
+                    *stats[path],
+                    "skipped" if outcome == reasons.SKIPPED else "failed",
+                    uid,
+                )
+            )
+            continue
+        seen[uid] = path
+        instances.append(
+            {
+                "path": path,
+                "sop_instance_uid": uid,
+                "study_instance_uid": str(row["study_instance_uid"]),
+                "series_instance_uid": str(row["series_instance_uid"]),
+                "modality": str(row["modality"]),
+                "number_of_frames": int(row["number_of_frames"]),
+            }
+        )
+    store.record_failures(failures, job_id)
+    store.record_files(file_rows)
+    studies = {i["study_instance_uid"] for i in instances}
+    series = {i["series_instance_uid"] for i in instances}
+    logger.info(
+        "job %s: %d instances in %d series and %d studies to score; %d files rejected",
+        job_id,
+        len(instances),
+        len(series),
+        len(studies),
+        len(failures),
+    )
+    return instances
+
+
+def _score(
+    instances: list[dict[str, Any]],
+    options: JobOptions,
+    spec: ModelSpec,
+    store: ResultStore,
+    job_id: str,
+    stats: dict[str, tuple[int, int]],
+    summary: JobSummary,
+    report: ProgressCallback,
+) -> None:
+    import ray
+
+    by_uid = {i["sop_instance_uid"]: i for i in instances}
+    spec_fields = asdict(spec)
+    dataset = ray.data.from_items(
+        [
+            {"path": i["path"], "sop_instance_uid": i["sop_instance_uid"]}
+            for i in instances
+        ],
+        override_num_blocks=max(
+            1, min(len(instances) // options.decode_batch_size, 200)
+        ),
+    )
+    dataset = dataset.map_batches(
+        DecodeStage,
+        batch_size=options.decode_batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={
+            "height": spec.height,
+            "width": spec.width,
+            "strict": options.strict,
+        },
+        concurrency=(1, 2),
+        num_cpus=1,
+    )
+    dataset = dataset.map_batches(
+        InferStage,
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={
+            "urls": list(options.triton_urls),
+            "spec": spec_fields,
+            "priority": options.priority,
+        },
+        concurrency=options.infer_actors,
+        num_cpus=0.1,
+    )
+
+    pending: dict[str, list[tuple[int, np.ndarray, float, float, float, str]]] = (
+        defaultdict(list)
+    )
+    ready: list[InstanceResult] = []
+    failures: list[Failure] = []
+    done = 0
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["path"])):
+            uid = str(batch["sop_instance_uid"][i])
+            if not bool(batch["ok"][i]):
+                reason = str(batch["reason"][i])
+                failures.append(
+                    Failure(
+                        str(batch["path"][i]),
+                        reasons.outcome_of(reason),
+                        reason,
+                        str(batch["message"][i]),
+                        uid,
+                    )
+                )
+                done += 1
+                continue
+            frames = pending[uid]
+            frames.append(
+                (
+                    int(batch["frame_index"][i]),
+                    batch["scores"][i],
+                    float(batch["decode_ms"][i]),
+                    float(batch["preprocess_ms"][i]),
+                    float(batch["infer_ms"][i]),
+                    str(batch["settings"][i]),
+                )
+            )
+            if len(frames) == int(batch["num_frames"][i]):
+                ready.append(_instance_result(by_uid[uid], pending.pop(uid), spec))
+                summary.frames_scored += len(frames)
+                done += 1
+        if len(ready) + len(failures) >= options.flush_every:
+            summary.instances_scored += _flush(store, ready, failures, job_id, stats)
+            report("score", done, len(instances))
+    summary.instances_scored += _flush(store, ready, failures, job_id, stats)
+    report("score", done, len(instances))
+    if pending:
+        raise ClinferError(
+            f"{len(pending)} instances lost frames between decoding and inference; "
+            "rerun the job to score them."
+        )
+
+
+def _flush(
+    store: ResultStore,
+    ready: list[InstanceResult],
+    failures: list[Failure],
+    job_id: str,
+    stats: dict[str, tuple[int, int]],
+) -> int:
+    inserted = store.write_instances(ready, job_id, stats) if ready else 0
+    if failures:
+        store.record_failures(failures, job_id)
+        store.record_files(
+            [(f.path, *stats[f.path], "failed", f.sop_instance_uid) for f in failures]
+        )
+    ready.clear()
+    failures.clear()
+    return inserted
+
+
+def _instance_result(
+    instance: dict[str, Any],
+    frames: list[tuple[int, np.ndarray, float, float, float, str]],
+    spec: ModelSpec,
+) -> InstanceResult:
+    import json
+
+    frames.sort(key=lambda frame: frame[0])
+    probabilities = np.stack([frame[1] for frame in frames])
+    positive = probabilities[:, spec.positive_index]
+    best = int(np.argmax(positive))
+    score = float(positive[best])
+    label = spec.positive_label if score >= spec.threshold else _negative_label(spec)
+    return InstanceResult(
+        sop_instance_uid=instance["sop_instance_uid"],
+        study_instance_uid=instance["study_instance_uid"],
+        series_instance_uid=instance["series_instance_uid"],
+        path=instance["path"],
+        modality=instance["modality"],
+        num_frames=len(frames),
+        label=label,
+        score=score,
+        scores={name: float(v) for name, v in zip(spec.labels, probabilities[best])},
+        frame_scores=[float(v) for v in positive],
+        threshold=spec.threshold,
+        decode_ms=sum(frame[2] for frame in frames),
+        preprocess_ms=sum(frame[3] for frame in frames),
+        infer_ms=sum(frame[4] for frame in frames),
+        preprocessing=json.loads(frames[0][5]),
+    )

@@ -1,0 +1,194 @@
+"""Ray Data stage functions: header scan, decode and preprocess, Triton inference.
+
+Each stage takes and returns batches in Ray Data's ``numpy`` format (a dict of
+arrays). Errors on one file become rows with ``ok = False`` and a reason, so one bad
+file never fails a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+from clinfer.client.triton import ModelSpec, TritonModelClient
+from clinfer.workers import reasons
+from clinfer.workers.dicom_io import InstanceHeader, check_acceptance, read_header
+from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
+
+from clinfer.errors import DicomInputError, InferenceError
+
+logger = logging.getLogger(__name__)
+
+HEADER_FIELDS = [field.name for field in dataclasses.fields(InstanceHeader)]
+
+
+def scan_headers(
+    batch: dict[str, np.ndarray], *, strict: bool, accepts: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Read the header of every file in the batch without its pixel data."""
+    rows: list[dict[str, Any]] = []
+    for path in batch["path"]:
+        path = str(path)
+        row: dict[str, Any] = {name: "" for name in HEADER_FIELDS}
+        row.update(
+            path=path,
+            number_of_frames=0,
+            samples_per_pixel=0,
+            rows=0,
+            columns=0,
+            bits_stored=0,
+            reason="",
+            message="",
+        )
+        try:
+            header = read_header(path, strict=strict)
+        except DicomInputError as exc:
+            row.update(reason=exc.reason, message=str(exc))
+        except Exception as exc:  # pydicom raises many types on malformed input
+            row.update(
+                reason=reasons.INVALID_DICOM,
+                message=f"{path}: reading the DICOM header failed: {exc}",
+            )
+        else:
+            row.update(dataclasses.asdict(header))
+            rejected = check_acceptance(header, accepts)
+            if rejected is not None:
+                row.update(reason=rejected[0], message=rejected[1])
+        rows.append(row)
+    return {key: np.array([r[key] for r in rows]) for key in rows[0]}
+
+
+class DecodeStage:
+    """Decode and preprocess instances into one row per frame."""
+
+    def __init__(self, *, height: int, width: int, strict: bool):
+        self.config = PreprocessConfig(height=height, width=width)
+        self.strict = strict
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: list[dict[str, Any]] = []
+        tensors: list[np.ndarray] = []
+        blank = np.zeros((1, self.config.height, self.config.width), dtype=np.float32)
+        for path, uid in zip(batch["path"], batch["sop_instance_uid"]):
+            base = {"path": str(path), "sop_instance_uid": str(uid)}
+            try:
+                instance = load_and_preprocess(
+                    str(path), self.config, strict=self.strict
+                )
+            except DicomInputError as exc:
+                rows.append(
+                    {
+                        **base,
+                        "frame_index": -1,
+                        "num_frames": 0,
+                        "ok": False,
+                        "reason": exc.reason,
+                        "message": str(exc),
+                        "decode_ms": 0.0,
+                        "preprocess_ms": 0.0,
+                        "settings": "{}",
+                    }
+                )
+                tensors.append(blank)
+                continue
+            except Exception as exc:
+                rows.append(
+                    {
+                        **base,
+                        "frame_index": -1,
+                        "num_frames": 0,
+                        "ok": False,
+                        "reason": reasons.PREPROCESS_FAILED,
+                        "message": f"{path}: preprocessing failed: "
+                        f"{type(exc).__name__}: {exc}",
+                        "decode_ms": 0.0,
+                        "preprocess_ms": 0.0,
+                        "settings": "{}",
+                    }
+                )
+                tensors.append(blank)
+                continue
+            settings = json.dumps(instance.settings, sort_keys=True)
+            count = instance.frames.shape[0]
+            for index in range(count):
+                rows.append(
+                    {
+                        **base,
+                        "frame_index": index,
+                        "num_frames": count,
+                        "ok": True,
+                        "reason": "",
+                        "message": "",
+                        "decode_ms": instance.decode_ms / count,
+                        "preprocess_ms": instance.preprocess_ms / count,
+                        "settings": settings,
+                    }
+                )
+                tensors.append(instance.frames[index])
+        out = {key: np.array([r[key] for r in rows]) for key in rows[0]}
+        out["tensor"] = np.stack(tensors).astype(np.float32, copy=False)
+        return out
+
+
+class InferStage:
+    """Send batches of preprocessed frames to Triton over gRPC.
+
+    Batches are spread round-robin over the given servers; a failed request is retried
+    on the next server, up to ``retries`` times in all, and then fails the job (the
+    results written so far stay, and a rerun resumes).
+    """
+
+    def __init__(
+        self, *, urls: list[str], spec: dict[str, Any], priority: int, retries: int = 3
+    ):
+        self.spec = ModelSpec(**{**spec, "labels": tuple(spec["labels"])})
+        self.clients = [
+            TritonModelClient(u, self.spec.name, self.spec.version) for u in urls
+        ]
+        self.priority = priority
+        self.retries = max(retries, 1)
+        self._next = random.randrange(len(self.clients))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"].astype(bool)
+        n = ok.shape[0]
+        scores = np.full((n, len(self.spec.labels)), np.nan, dtype=np.float32)
+        infer_ms = np.zeros(n, dtype=np.float64)
+        server = np.array([""] * n, dtype=object)
+        if ok.any():
+            images = batch["tensor"][ok]
+            start = time.perf_counter()
+            output, url = self._infer_with_retries(images)
+            elapsed_ms = (time.perf_counter() - start) * 1000.0
+            scores[ok] = output
+            infer_ms[ok] = elapsed_ms / images.shape[0]
+            server[ok] = url
+        out = {key: value for key, value in batch.items() if key != "tensor"}
+        out.update(scores=scores, infer_ms=infer_ms, server=server.astype(str))
+        return out
+
+    def _infer_with_retries(self, images: np.ndarray) -> tuple[np.ndarray, str]:
+        last: InferenceError | None = None
+        for attempt in range(self.retries):
+            client = self.clients[self._next]
+            self._next = (self._next + 1) % len(self.clients)
+            try:
+                return client.infer(
+                    images, self.spec, priority=self.priority
+                ), client.url
+            except InferenceError as exc:
+                last = exc
+                logger.warning(
+                    "inference attempt %d of %d failed: %s",
+                    attempt + 1,
+                    self.retries,
+                    exc,
+                )
+                time.sleep(min(0.5 * 2**attempt, 4.0))
+        assert last is not None
+        raise last
