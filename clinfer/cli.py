@@ -161,6 +161,9 @@ def score(
     strict: Annotated[
         bool, typer.Option(help="Reject DICOM files without a preamble or file meta.")
     ] = False,
+    commit_every: Annotated[
+        int, typer.Option(help="Instances written per database transaction.")
+    ] = 64,
 ) -> None:
     """Score every DICOM file under PATHS and store results in OUT/results.sqlite."""
     _run_score(
@@ -173,6 +176,7 @@ def score(
         batch_size,
         infer_actors,
         strict,
+        commit_every,
     )
 
 
@@ -191,7 +195,7 @@ def run(
     export(repository=repository, seed=0, tolerance=1e-4)
     dirs = corpus_dirs()
     console.print("corpus: " + ", ".join(str(d) for d in dirs))
-    _run_score(dirs, out, [], None, DEFAULT_MODEL, repository, 32, 2, False)
+    _run_score(dirs, out, [], None, DEFAULT_MODEL, repository, 32, 2, False, 64)
 
 
 @app.command()
@@ -213,6 +217,7 @@ def _run_score(
     batch_size: int,
     infer_actors: int,
     strict: bool,
+    commit_every: int,
 ) -> None:
     from clinfer.client.triton import parse_model_ref
     from clinfer.server import EmbeddedTritonServer
@@ -241,6 +246,7 @@ def _run_score(
         batch_size=batch_size,
         infer_actors=infer_actors,
         strict=strict,
+        flush_every=commit_every,
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -299,6 +305,8 @@ def _print_summary(summary, out: Path) -> None:  # type: ignore[no-untyped-def]
     for name, value in rows:
         table.add_row(name, str(value))
     Console().print(table)
+    if summary.model_training:
+        Console().print(f"model training: {summary.model_training}")
     Console().print(
         f"results: {out / 'results.sqlite'} (tables instances, studies, failures)"
     )
@@ -307,3 +315,13 @@ def _print_summary(summary, out: Path) -> None:  # type: ignore[no-untyped-def]
 def _fail(exc: BaseException) -> None:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(2)
+
+
+def _register_training_commands() -> None:
+    from clinfer.train.cli import cohort_command, train_command
+
+    app.command("cohort")(cohort_command)
+    app.command("train")(train_command)
+
+
+_register_training_commands()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 from clinfer.export.cxr import ExportResult, export_cxr_model
 
 from clinfer.server import EmbeddedTritonServer
+from clinfer.workers.pipeline import LOOPBACK_RAY_ENV
+
+# Keep every Ray service of the tests, and of the commands they start, on loopback
+# (see clinfer.workers.pipeline._init_ray).
+os.environ[LOOPBACK_RAY_ENV] = "0"
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -38,6 +39,7 @@ from clinfer.errors import ClinferError, ConfigurationError
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.sqlite"
+LOOPBACK_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 
 
@@ -58,6 +60,7 @@ class JobOptions:
     ray_address: str | None = None
     batch_size: int = 32
     infer_actors: int = 2
+    decode_actors: int = 2
     decode_batch_size: int = 4
     header_batch_size: int = 64
     strict: bool = False
@@ -73,6 +76,7 @@ class JobSummary:
     model: str
     model_version: str
     model_sha256: str
+    model_training: str = ""
     files_found: int = 0
     files_unchanged: int = 0
     instances_to_score: int = 0
@@ -105,13 +109,28 @@ class JobSummary:
 ProgressCallback = Callable[[str, int, int], None]
 
 
+def _keep_ray_on_loopback(address: str | None) -> None:
+    """Keep a single-machine Ray cluster's services on 127.0.0.1.
+
+    Ray 2.60 replaces a loopback node address by the machine's first interface
+    address unless cluster mode is off (``ray._private.services.get_node_ip_address``).
+    The switch is read when ``ray`` is first imported, so this runs before that.
+    """
+    host = (address or "127.0.0.1").rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault(LOOPBACK_RAY_ENV, "0")
+
+
 def _init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
+        logger.info("using Ray at %s", ray.get_runtime_context().gcs_address)
         return
     ray.init(
-        address=address,
+        # "local" starts a new cluster even when RAY_ADDRESS or a `ray start` on this
+        # machine points at another one.
+        address=address or "local",
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
@@ -119,6 +138,9 @@ def _init_ray(address: str | None) -> None:
     )
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    # Ray Data logs every dataset execution at INFO; the job logs its own summary.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logger.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
 
 
 def run_job(
@@ -132,6 +154,7 @@ def run_job(
         If the model cannot be reached or inference fails after retries. Results written
         before the failure stay in the store, and a rerun resumes from them.
     """
+    _keep_ray_on_loopback(options.ray_address)
     import ray
 
     started = time.perf_counter()
@@ -147,7 +170,15 @@ def run_job(
         model_version=spec.version,
         model_sha256=spec.sha256,
     )
-    summary = JobSummary(job_id, spec.name, spec.version, spec.sha256)
+    summary = JobSummary(
+        job_id,
+        spec.name,
+        spec.version,
+        spec.sha256,
+        model_training=str(
+            spec.training.get("note") or spec.training.get("status", "")
+        ),
+    )
     store.start_job(job_id)
     report = progress or (lambda stage, done, total: None)
     logger.info(
@@ -384,7 +415,7 @@ def _score(
             "width": spec.width,
             "strict": options.strict,
         },
-        concurrency=(1, 2),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=options.decode_actors),
         num_cpus=1,
     )
     dataset = dataset.map_batches(
@@ -396,7 +427,7 @@ def _score(
             "spec": spec_fields,
             "priority": options.priority,
         },
-        concurrency=options.infer_actors,
+        compute=ray.data.ActorPoolStrategy(size=options.infer_actors),
         num_cpus=0.1,
     )
 
