@@ -317,11 +317,29 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _register_training_commands() -> None:
-    from clinfer.train.cli import cohort_command, train_command
+# Modules that add commands to the CLI through a ``register(app)`` function.
+COMMAND_MODULES = (
+    "clinfer.train.cli",
+    "clinfer.client.cli",
+    "clinfer.monitoring.cli",
+    "clinfer.export.cli",
+    "clinfer.bench.cli",
+)
 
-    app.command("cohort")(cohort_command)
-    app.command("train")(train_command)
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # Only a module that is absent from this installation is skipped; an
+            # import error inside an existing module propagates.
+            if exc.name is None or not name.startswith(exc.name):
+                raise
+            continue
+        module.register(app)
 
 
-_register_training_commands()
+_register_commands()

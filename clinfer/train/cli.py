@@ -94,3 +94,9 @@ def train_command(
         )
     Console().print(table)
     console.print(f"trained {len(report.models)} models in {report.wall_s:.1f} s")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``cohort`` and ``train`` commands to the clinfer CLI."""
+    app.command("cohort")(cohort_command)
+    app.command("train")(train_command)
