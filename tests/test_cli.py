@@ -73,7 +73,7 @@ def test_score_prints_summary(
     )
     assert result.returncode == 0, result.stderr
     assert "instances scored in this run" in result.stdout
-    assert "failed: no_pixel_data" in result.stdout
+    assert "skipped: non_image_object" in result.stdout
     assert "throughput (instances/s)" in result.stdout
     assert "UNTRAINED" in result.stdout
 

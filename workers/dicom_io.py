@@ -32,6 +32,7 @@ from pydicom.uid import (
 )
 
 from clinfer.errors import DicomInputError, ModelSpecError
+from clinfer.privacy import short_hash
 
 logger = logging.getLogger(__name__)
 
@@ -195,15 +196,17 @@ def read_header(path: StrPath, *, strict: bool = False) -> InstanceHeader:
           missing or not an integer, or no TransferSyntaxUID where none can be
           inferred.
         - MISSING_UID: no StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID.
-        - NO_PIXEL_DATA: no top-level pixel data element.
+        - NO_PIXEL_DATA: an image SOP class without a top-level pixel data element.
+        - NON_IMAGE_OBJECT: a SOP class that is not an image (SR, RT plan,
+          waveform, ...) and has no pixel data.
     OSError
         If the file cannot be opened, for example because it does not exist.
     """
     result = _read(Path(path), strict=strict, stop_at_pixels=True)
     header = _build_header(result)
     logger.debug(
-        "Read header of %s: %s, %d frame(s) of %dx%d",
-        header.path,
+        "Read header of file %s: %s, %d frame(s) of %dx%d",
+        short_hash(header.path),
         result.transfer_syntax_uid.name,
         header.number_of_frames,
         header.rows,
@@ -298,7 +301,10 @@ def decode_frames(
     if not frames.dtype.isnative:
         frames = frames.astype(frames.dtype.newbyteorder("="))
     logger.debug(
-        "Decoded %s: %s, frames %s", header.path, syntax.name, tuple(frames.shape)
+        "Decoded file %s: %s, frames %s",
+        short_hash(header.path),
+        syntax.name,
+        tuple(frames.shape),
     )
     return ds, frames
 
@@ -429,10 +435,18 @@ def _read(path: Path, *, strict: bool, stop_at_pixels: bool) -> _ReadResult:
     pixel_tag = recorder.pixel_tag
     if pixel_tag is None:
         sop_name = UID(str(sop_class)).name if sop_class else "no SOPClassUID"
+        if sop_class and "Image Storage" not in sop_name:
+            # Structured reports, RT plans, waveforms and other non-image objects
+            # belong in a study folder and carry no pixels by definition.
+            raise DicomInputError(
+                reasons.NON_IMAGE_OBJECT,
+                f"{name} is a {sop_name} object, not an image; it was skipped.",
+            )
         raise DicomInputError(
             reasons.NO_PIXEL_DATA,
             f"{name} ({sop_name}) has no PixelData, FloatPixelData or "
-            "DoubleFloatPixelData element, so it contains no image to score.",
+            "DoubleFloatPixelData element, so it contains no image to score. "
+            "Re-export the image from PACS with its pixel data.",
         )
     pixel_length = recorder.pixel_length if recorder.pixel_length is not None else 0
 
@@ -535,7 +549,11 @@ def _infer_syntax(name: str, ds: Dataset, *, strict: bool, pixel_length: int) ->
             f"encoding (implicit VR, little endian = {ds.original_encoding}). "
             "Re-export the study from PACS.",
         )
-    logger.debug("%s has no TransferSyntaxUID, reading it as %s", name, syntax.name)
+    logger.debug(
+        "file %s has no TransferSyntaxUID, reading it as %s",
+        short_hash(name),
+        syntax.name,
+    )
     return syntax
 
 

@@ -15,7 +15,6 @@ Stages:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -41,11 +40,6 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.sqlite"
 LOOPBACK_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
-
-
-def hash_uid(uid: str) -> str:
-    """Return a short SHA-256 digest of a UID, for logs."""
-    return hashlib.sha256(uid.encode()).hexdigest()[:12]
 
 
 @dataclass

@@ -17,6 +17,7 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
 from clinfer.errors import DicomInputError, ModelSpecError
+from clinfer.privacy import short_hash
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +224,8 @@ def load_and_preprocess(
     finished = time.perf_counter()
 
     logger.debug(
-        "Preprocessed %s: %d frame(s), decode %.1f ms, preprocess %.1f ms",
-        path,
+        "Preprocessed file %s: %d frame(s), decode %.1f ms, preprocess %.1f ms",
+        short_hash(path),
         len(outputs),
         (decoded - start) * 1000,
         (finished - decoded) * 1000,

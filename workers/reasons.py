@@ -28,6 +28,7 @@ NON_DICOM_FILE = "non_dicom_file"
 MODALITY_NOT_ACCEPTED = "modality_not_accepted"
 IMAGE_TYPE_NOT_ACCEPTED = "image_type_not_accepted"
 DUPLICATE_INSTANCE = "duplicate_instance"
+NON_IMAGE_OBJECT = "non_image_object"
 
 FAILED_REASONS = frozenset(
     {
@@ -50,6 +51,7 @@ SKIPPED_REASONS = frozenset(
         MODALITY_NOT_ACCEPTED,
         IMAGE_TYPE_NOT_ACCEPTED,
         DUPLICATE_INSTANCE,
+        NON_IMAGE_OBJECT,
     }
 )
 

@@ -182,7 +182,7 @@ def test_no_preamble_rtplan_lenient() -> None:
     # Without a preamble but with a SOPInstanceUID, so the lenient read gets as far
     # as the pixel data check.
     path = find_test_file("ExplVR_LitEndNoMeta.dcm")
-    assert _reason(read_header, path) == reasons.NO_PIXEL_DATA
+    assert _reason(read_header, path) == reasons.NON_IMAGE_OBJECT
 
 
 def test_no_preamble_rtplan_strict() -> None:
@@ -195,8 +195,13 @@ def test_no_preamble_rtplan_strict() -> None:
     [
         pytest.param("MR_truncated.dcm", reasons.TRUNCATED, id="pixel_data_cut"),
         pytest.param("rtplan_truncated.dcm", reasons.TRUNCATED, id="sequence_cut"),
-        pytest.param("rtplan.dcm", reasons.NO_PIXEL_DATA, id="rtplan"),
-        pytest.param("test-SR.dcm", reasons.NO_PIXEL_DATA, id="structured_report"),
+        pytest.param("rtplan.dcm", reasons.NON_IMAGE_OBJECT, id="rtplan"),
+        pytest.param("test-SR.dcm", reasons.NON_IMAGE_OBJECT, id="structured_report"),
+        pytest.param(
+            "dicomdirtests/TINY_ALPHA/PT000000/ST000000/SE000000/IM000000",
+            reasons.NO_PIXEL_DATA,
+            id="ct_image_without_pixels",
+        ),
         pytest.param("dicomdirtests/DICOMDIR", reasons.DICOMDIR, id="dicomdir_name"),
         pytest.param(
             "dicomdirtests/DICOMDIR-empty.dcm", reasons.DICOMDIR, id="dicomdir_sop"
@@ -420,7 +425,7 @@ def test_without_meta_decodes_lenient() -> None:
             reasons.DECODE_FAILED,
             id="j2k_corrupt",
         ),
-        pytest.param("rtplan.dcm", reasons.NO_PIXEL_DATA, id="rtplan"),
+        pytest.param("rtplan.dcm", reasons.NON_IMAGE_OBJECT, id="rtplan"),
     ],
 )
 def test_decode_reason(name: str, reason: str) -> None:

@@ -176,12 +176,17 @@ def _bad_input_folder(root: Path) -> dict[str, Path]:
     source = find_test_file("CT_small.dcm").read_bytes()
     files = {
         "truncated": root / "truncated.dcm",
-        "no_pixels": root / "plan.dcm",
+        "no_pixels": root / "image_without_pixels.dcm",
+        "not_image": root / "plan.dcm",
         "not_dicom": root / "notes.dcm",
         "empty": root / "empty.dcm",
     }
     files["truncated"].write_bytes(source[: len(source) * 2 // 3])
-    shutil.copy(find_test_file("rtplan.dcm"), files["no_pixels"])
+    image = pydicom.dcmread(find_test_file("MR_small.dcm"))
+    image.SOPInstanceUID = pydicom.uid.generate_uid()
+    del image.PixelData
+    image.save_as(files["no_pixels"])
+    shutil.copy(find_test_file("rtplan.dcm"), files["not_image"])
     files["not_dicom"].write_text("Patient notes, not a DICOM file.\n" * 20)
     files["empty"].write_bytes(b"")
     return files
@@ -196,6 +201,7 @@ def test_bad_inputs_get_reasons(
     got = dict(_rows(out, "SELECT path, reason FROM failures"))
     assert got[str(files["truncated"])] == reasons.TRUNCATED
     assert got[str(files["no_pixels"])] == reasons.NO_PIXEL_DATA
+    assert got[str(files["not_image"])] == reasons.NON_IMAGE_OBJECT
     assert got[str(files["not_dicom"])] == reasons.NOT_DICOM
     assert got[str(files["empty"])] == reasons.EMPTY_FILE
     assert summary.instances_scored == 2
