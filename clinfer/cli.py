@@ -116,7 +116,7 @@ def serve(
         server.start()
     except ClinferError as exc:
         _fail(exc)
-    # The machine-readable line tells scripts where the server listens.
+    # Scripts parse this line for the server's addresses.
     print(
         f"ready grpc={server.grpc_url} http={server.http_url} "
         f"metrics={server.metrics_url}",

@@ -5,7 +5,7 @@ Stages:
 1. Discover files and drop those that an earlier run already scored or skipped and
    that have not changed since (size and modification time).
 2. Read headers without pixel data (Ray tasks) and group instances into series and
-   studies; files that are not DICOM, broken, not accepted by the model or duplicates
+   studies. Files that are not DICOM, broken, not accepted by the model or duplicates
    of an instance seen before go to the failures table.
 3. Decode and preprocess (Ray tasks), one row per frame.
 4. Send batches to Triton over gRPC from a pool of Ray actors.

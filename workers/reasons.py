@@ -1,8 +1,8 @@
 """Outcome and reason codes for files that are not scored.
 
 A file that is not scored ends in the failures table with an outcome and a reason.
-``failed`` means the file should have been scored but could not be (an error to fix);
-``skipped`` means the file is not something this model scores (not an error).
+``failed`` means the file should have been scored but could not be, which is an
+error to fix. ``skipped`` means the file is not something this model scores.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Ray Data stage functions: header scan, decode and preprocess, Triton inference.
 
 Each stage takes and returns batches in Ray Data's ``numpy`` format (a dict of
-arrays). Errors on one file become rows with ``ok = False`` and a reason, so one bad
-file never fails a batch.
+arrays). A file that cannot be read or decoded becomes a row with ``ok = False`` and
+a reason instead of an exception, so it does not fail the batch it is in.
 """
 
 from __future__ import annotations
@@ -138,9 +138,9 @@ class DecodeStage:
 class InferStage:
     """Send batches of preprocessed frames to Triton over gRPC.
 
-    Batches are spread round-robin over the given servers; a failed request is retried
-    on the next server, up to ``retries`` times in all, and then fails the job (the
-    results written so far stay, and a rerun resumes).
+    Batches are spread round-robin over the given servers. A failed request is retried
+    on the next server, up to ``retries`` attempts in all, and then fails the job.
+    The results written so far stay, and a rerun resumes from them.
     """
 
     def __init__(
