@@ -95,6 +95,19 @@ def prepare_backend_dir(target: Path) -> Path:
     return target
 
 
+def default_backend_dir() -> Path:
+    """Return the per-user cache folder of the laid-out Python backend.
+
+    The folder name carries the nvidia-pytriton and Python versions, so an upgrade
+    of either lays out a fresh copy instead of reusing a stale stub.
+    """
+    from importlib.metadata import version
+
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    name = f"pytriton-{version('nvidia-pytriton')}-py{python_version}"
+    return Path.home() / ".cache" / "clinfer" / "triton-backends" / name
+
+
 @dataclass
 class EmbeddedTritonServer:
     """A ``tritonserver`` child process serving a model repository on loopback.
@@ -146,7 +159,7 @@ class EmbeddedTritonServer:
             )
         binary, libs, _ = tritonserver_paths()
         backend_dir = (
-            self.backend_dir or Path.home() / ".cache" / "clinfer" / "triton-backends"
+            self.backend_dir or default_backend_dir()
         )
         backend_dir = prepare_backend_dir(Path(backend_dir))
 
