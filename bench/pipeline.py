@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from clinfer.bench.synthetic import write_copies
 from clinfer.export.cxr import CXR_MODEL_NAME, export_cxr_model
-from clinfer.server import EmbeddedTritonServer
 from clinfer.workers.pipeline import JobOptions, run_job
+
+from clinfer.server import EmbeddedTritonServer
 
 logger = logging.getLogger(__name__)
 
