@@ -4,7 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test lint clean
+# Debian packages the tests use: dciodvfy (dicom3tools) validates written DICOM
+# objects, and prometheus is the real server of the monitoring tests. Installed as
+# root, once, when one is missing.
+SYSTEM_PACKAGES ?= dicom3tools prometheus
+
+.PHONY: venv system run test lint clean
 
 venv: $(VENV)/.installed
 
@@ -16,7 +21,18 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(BIN)/clinfer run
 
-test: venv
+system:
+	@missing=""; \
+	for package in $(SYSTEM_PACKAGES); do \
+		dpkg -s $$package >/dev/null 2>&1 || missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+test: venv system
 	$(BIN)/pytest
 
 lint: venv

@@ -5,9 +5,9 @@
   that decodes, preprocesses and runs ONNX Runtime in process on the same files and
   cores. Runs are interleaved (baseline, job, baseline, job, ...) and the medians are
   compared, after one warm-up of each.
-- P5: peak resident memory of a job on a large set divided by a job on a set ten
-  times smaller, summed over the job's whole process tree (driver, Ray services and
-  workers; the Triton server is external to the job and not counted).
+- P5: peak memory (proportional set size) of a job on a large set divided by a job
+  on a set ten times smaller, summed over the job's whole process tree (driver, Ray
+  services and workers; the Triton server is external to the job and not counted).
 
 Run ``python -m clinfer.bench.pipeline --help``.
 """
@@ -136,19 +136,19 @@ def measure_throughput(count: int, repeats: int, work_dir: Path) -> dict[str, An
     return result
 
 
-def _tree_rss_bytes(pid: int) -> int:
-    """Sum the resident memory of ``pid`` and all its descendants, from /proc."""
+def _tree_pss_bytes(pid: int) -> int:
+    """Sum the proportional set size of ``pid`` and all its descendants, from /proc.
+
+    PSS divides each shared page among the processes that map it, so Ray's shared
+    object store is counted once rather than once per worker, as summed RSS would.
+    """
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/statm") as handle:
-                rss[int(entry)] = int(handle.read().split()[1]) * page
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
@@ -156,13 +156,24 @@ def _tree_rss_bytes(pid: int) -> int:
     stack = [pid]
     while stack:
         current = stack.pop()
-        total += rss.get(current, 0)
+        total += _pss_bytes(current)
         stack.extend(children.get(current, []))
     return total
 
 
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measure_memory(small: int, large: int, work_dir: Path, url: str) -> dict[str, Any]:
-    """Measure P5: peak RSS of a ``large``-instance job over a ``small``-instance one."""
+    """Measure P5: peak PSS of a ``large``-instance job over a ``small``-instance one."""
     peaks = {}
     for count in (small, large):
         data = work_dir / f"copies_{count}"
@@ -181,7 +192,7 @@ def measure_memory(small: int, large: int, work_dir: Path, url: str) -> dict[str
         )
         peak = 0
         while process.poll() is None:
-            peak = max(peak, _tree_rss_bytes(process.pid))
+            peak = max(peak, _tree_pss_bytes(process.pid))
             time.sleep(0.2)
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}")
@@ -189,8 +200,8 @@ def measure_memory(small: int, large: int, work_dir: Path, url: str) -> dict[str
     return {
         "small_instances": small,
         "large_instances": large,
-        "small_peak_rss_bytes": peaks[small],
-        "large_peak_rss_bytes": peaks[large],
+        "small_peak_pss_bytes": peaks[small],
+        "large_peak_pss_bytes": peaks[large],
         "p5_ratio": peaks[large] / peaks[small],
     }
 
@@ -252,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     if "p5" in result:
         p5 = result["p5"]
         print(
-            f"P5 peak RSS {p5['large_instances']} / {p5['small_instances']} instances: "
-            f"{p5['p5_ratio']:.2f} ({p5['large_peak_rss_bytes'] / 2**20:.0f} MiB vs "
-            f"{p5['small_peak_rss_bytes'] / 2**20:.0f} MiB)"
+            f"P5 peak PSS {p5['large_instances']} / {p5['small_instances']} instances: "
+            f"{p5['p5_ratio']:.2f} ({p5['large_peak_pss_bytes'] / 2**20:.0f} MiB vs "
+            f"{p5['small_peak_pss_bytes'] / 2**20:.0f} MiB)"
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -164,6 +164,14 @@ def score(
     commit_every: Annotated[
         int, typer.Option(help="Instances written per database transaction.")
     ] = 64,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve job metrics on this port while the job runs "
+                          "(0: any free port)."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address of the job metrics endpoint.")
+    ] = "127.0.0.1",
 ) -> None:
     """Score every DICOM file under PATHS and store results in OUT/results.sqlite."""
     _run_score(
@@ -177,6 +185,8 @@ def score(
         infer_actors,
         strict,
         commit_every,
+        metrics_port,
+        metrics_host,
     )
 
 
@@ -218,6 +228,8 @@ def _run_score(
     infer_actors: int,
     strict: bool,
     commit_every: int,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     from clinfer.client.triton import parse_model_ref
     from clinfer.server import EmbeddedTritonServer
@@ -247,6 +259,8 @@ def _run_score(
         infer_actors=infer_actors,
         strict=strict,
         flush_every=commit_every,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -324,6 +338,7 @@ COMMAND_MODULES = (
     "clinfer.monitoring.cli",
     "clinfer.export.cli",
     "clinfer.bench.cli",
+    "clinfer.validation.cli",
 )
 
 

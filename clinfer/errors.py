@@ -11,7 +11,9 @@ the boundary, with the original error chained as ``__cause__``::
     ├── ModelSpecError           a model's clinfer spec is missing or invalid
     ├── ExportError              an export failed
     │   └── ParityError          the exported model disagrees with the PyTorch model
-    └── DicomInputError          a DICOM file could not be read, decoded or accepted
+    ├── DicomInputError          a DICOM file could not be read, decoded or accepted
+    ├── DicomOutputError         a DICOM SR or Secondary Capture could not be written
+    └── ValidationError          a model could not be validated on its data
 """
 
 from __future__ import annotations
@@ -64,3 +66,19 @@ class DicomInputError(ClinferError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class DicomOutputError(ClinferError):
+    """A DICOM Structured Report or Secondary Capture could not be built or written."""
+
+
+class ValidationError(ClinferError):
+    """A model could not be validated: missing predictions, labels or cohort data."""
+
+
+class ServerUnavailableError(ServerError):
+    """No Triton server of a query's URL list could be reached."""
+
+
+class QueryError(ClinferError):
+    """A real-time query was invalid or its result could not be built."""

@@ -34,6 +34,13 @@ from clinfer.workers.results import Failure, InstanceResult, ResultStore
 from clinfer.workers.stages import DecodeStage, InferStage, scan_headers
 
 from clinfer.errors import ClinferError, ConfigurationError
+from clinfer.metrics import (
+    JobMetrics,
+    JobRecorder,
+    MetricsServer,
+    NvmlGpuCollector,
+    start_metrics_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,11 @@ class JobOptions:
     strict: bool = False
     priority: int = BATCH_PRIORITY
     flush_every: int = 64
+    # Prometheus metrics: recorded into ``metrics`` (a new registry by default) and
+    # served on metrics_host:metrics_port for the job's duration (0: any free port).
+    metrics: JobMetrics | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -175,6 +187,8 @@ def run_job(
     )
     store.start_job(job_id)
     report = progress or (lambda stage, done, total: None)
+    recorder = _job_metrics(options).recorder(spec.name, spec.version)
+    metrics_server: MetricsServer | None = None
     logger.info(
         "job %s: model %s:%s (sha256 %s)",
         job_id,
@@ -184,6 +198,7 @@ def run_job(
     )
 
     try:
+        metrics_server = _serve_metrics(options, recorder.metrics)
         files = discover_files(options.paths)
         summary.files_found = len(files)
         to_scan, unchanged = _split_unchanged(files, store)
@@ -198,11 +213,23 @@ def run_job(
         )
 
         _init_ray(options.ray_address)
-        instances = _scan(to_scan, options, spec, store, job_id, stats, report)
+        instances = _scan(
+            to_scan, options, spec, store, job_id, stats, report, recorder
+        )
         summary.instances_to_score = len(instances)
         report("score", 0, len(instances))
         if instances:
-            _score(instances, options, spec, store, job_id, stats, summary, report)
+            _score(
+                instances,
+                options,
+                spec,
+                store,
+                job_id,
+                stats,
+                summary,
+                report,
+                recorder,
+            )
         summary.status = "completed"
     except BaseException as exc:
         summary.status = (
@@ -225,6 +252,9 @@ def run_job(
             store.finish_job(job_id, summary.status, summary.as_dict())
         finally:
             store.close()
+            recorder.finished(summary.status)
+            if metrics_server is not None:
+                metrics_server.stop()
     logger.info(
         "job %s: %d instances scored in %.1f s; %d failed, %d skipped",
         job_id,
@@ -235,6 +265,24 @@ def run_job(
     )
     del ray
     return summary
+
+
+def _job_metrics(options: JobOptions) -> JobMetrics:
+    if options.metrics is not None:
+        return options.metrics
+    metrics = JobMetrics()
+    metrics.registry.register(NvmlGpuCollector())
+    return metrics
+
+
+def _serve_metrics(options: JobOptions, metrics: JobMetrics) -> MetricsServer | None:
+    if options.metrics_port is None:
+        return None
+    # NOTE: the endpoint stops with the job, so a job shorter than the scrape interval
+    # may never be scraped; the results database has every count.
+    return start_metrics_server(
+        metrics.registry, host=options.metrics_host, port=options.metrics_port
+    )
 
 
 def _negative_label(spec: ModelSpec) -> str:
@@ -294,6 +342,7 @@ def _scan(
     job_id: str,
     stats: dict[str, tuple[int, int]],
     report: ProgressCallback,
+    recorder: JobRecorder,
 ) -> list[dict[str, Any]]:
     """Read headers, record rejected files and return the instances to score."""
     import ray
@@ -364,6 +413,7 @@ def _scan(
         )
     store.record_failures(failures, job_id)
     store.record_files(file_rows)
+    recorder.rejected(failures, in_flight=False)
     studies = {i["study_instance_uid"] for i in instances}
     series = {i["series_instance_uid"] for i in instances}
     logger.info(
@@ -386,6 +436,7 @@ def _score(
     stats: dict[str, tuple[int, int]],
     summary: JobSummary,
     report: ProgressCallback,
+    recorder: JobRecorder,
 ) -> None:
     import ray
 
@@ -431,7 +482,9 @@ def _score(
     ready: list[InstanceResult] = []
     failures: list[Failure] = []
     done = 0
+    recorder.handed_over(len(instances))
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        recorder.request_completed(batch["request_ms"])
         for i in range(len(batch["path"])):
             uid = str(batch["sop_instance_uid"][i])
             if not bool(batch["ok"][i]):
@@ -462,10 +515,13 @@ def _score(
                 ready.append(_instance_result(by_uid[uid], pending.pop(uid), spec))
                 summary.frames_scored += len(frames)
                 done += 1
+        recorder.frames_waiting(sum(len(frames) for frames in pending.values()))
         if len(ready) + len(failures) >= options.flush_every:
-            summary.instances_scored += _flush(store, ready, failures, job_id, stats)
+            summary.instances_scored += _flush(
+                store, ready, failures, job_id, stats, recorder
+            )
             report("score", done, len(instances))
-    summary.instances_scored += _flush(store, ready, failures, job_id, stats)
+    summary.instances_scored += _flush(store, ready, failures, job_id, stats, recorder)
     report("score", done, len(instances))
     if pending:
         raise ClinferError(
@@ -480,13 +536,16 @@ def _flush(
     failures: list[Failure],
     job_id: str,
     stats: dict[str, tuple[int, int]],
+    recorder: JobRecorder,
 ) -> int:
     inserted = store.write_instances(ready, job_id, stats) if ready else 0
+    recorder.stored(ready, inserted)
     if failures:
         store.record_failures(failures, job_id)
         store.record_files(
             [(f.path, *stats[f.path], "failed", f.sop_instance_uid) for f in failures]
         )
+    recorder.rejected(failures, in_flight=True)
     ready.clear()
     failures.clear()
     return inserted

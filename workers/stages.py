@@ -160,6 +160,8 @@ class InferStage:
         scores = np.full((n, len(self.spec.labels)), np.nan, dtype=np.float32)
         infer_ms = np.zeros(n, dtype=np.float64)
         server = np.array([""] * n, dtype=object)
+        # The request's round trip, on its first row only, for the job's metrics.
+        request_ms = np.full(n, np.nan, dtype=np.float64)
         if ok.any():
             images = batch["tensor"][ok]
             start = time.perf_counter()
@@ -168,8 +170,14 @@ class InferStage:
             scores[ok] = output
             infer_ms[ok] = elapsed_ms / images.shape[0]
             server[ok] = url
+            request_ms[int(np.argmax(ok))] = elapsed_ms
         out = {key: value for key, value in batch.items() if key != "tensor"}
-        out.update(scores=scores, infer_ms=infer_ms, server=server.astype(str))
+        out.update(
+            scores=scores,
+            infer_ms=infer_ms,
+            server=server.astype(str),
+            request_ms=request_ms,
+        )
         return out
 
     def _infer_with_retries(self, images: np.ndarray) -> tuple[np.ndarray, str]:

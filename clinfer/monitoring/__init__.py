@@ -1,0 +1,1 @@
+"""Monitoring: a local Prometheus server scraping Triton and clinfer metrics."""

@@ -1,0 +1,155 @@
+"""The local monitoring stack: embedded Triton, a metrics endpoint and Prometheus."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from clinfer.errors import ServerError
+from clinfer.metrics import (
+    DEFAULT_JOB_METRICS_PORT,
+    DEFAULT_WORKER_METRICS_PORT,
+    MetricsServer,
+    NvmlGpuCollector,
+    start_metrics_server,
+)
+from clinfer.monitoring.prometheus import (
+    DEFAULT_PROMETHEUS_PORT,
+    PrometheusServer,
+    ScrapeTarget,
+)
+from clinfer.server import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORT,
+    EmbeddedTritonServer,
+)
+
+logger = logging.getLogger(__name__)
+
+# Scrape job names, also used by deploy/prometheus/prometheus.yml and the dashboard.
+TRITON_JOB = "triton"
+WORKER_JOB = "clinfer_worker"
+SCORING_JOB = "clinfer_job"
+
+
+@dataclass
+class MonitoringStack:
+    """Embedded Triton, the ``clinfer_worker`` metrics endpoint and Prometheus.
+
+    Prometheus scrapes Triton's metrics, the worker endpoint (GPU metrics from NVML
+    and this process's CPU and memory), scoring jobs on ``job_metrics_port`` (a job
+    serves metrics there while it runs when started with that port), every target in
+    ``extra_targets`` and the file_sd files in ``WORKDIR/prometheus/targets/``.
+    Ports of 0 are replaced by free ports at start.
+    """
+
+    repository: Path
+    workdir: Path
+    host: str = "127.0.0.1"
+    prometheus_port: int = DEFAULT_PROMETHEUS_PORT
+    triton_http_port: int = DEFAULT_HTTP_PORT
+    triton_grpc_port: int = DEFAULT_GRPC_PORT
+    triton_metrics_port: int = DEFAULT_METRICS_PORT
+    worker_metrics_port: int = DEFAULT_WORKER_METRICS_PORT
+    job_metrics_port: int | None = DEFAULT_JOB_METRICS_PORT
+    extra_targets: Sequence[ScrapeTarget] = ()
+    scrape_interval_s: float = 5.0
+    triton: EmbeddedTritonServer | None = field(default=None, init=False)
+    metrics: MetricsServer | None = field(default=None, init=False)
+    prometheus: PrometheusServer | None = field(default=None, init=False)
+
+    def targets(self) -> list[ScrapeTarget]:
+        """Return the scrape targets; valid once Triton and the endpoint run."""
+        assert self.triton is not None and self.metrics is not None
+        targets = [
+            ScrapeTarget(TRITON_JOB, (f"{self.host}:{self.triton.metrics_port}",)),
+            ScrapeTarget(WORKER_JOB, (self.metrics.address,)),
+        ]
+        if self.job_metrics_port is not None:
+            targets.append(
+                ScrapeTarget(SCORING_JOB, (f"{self.host}:{self.job_metrics_port}",))
+            )
+        return [*targets, *self.extra_targets]
+
+    def start(self) -> MonitoringStack:
+        """Start Triton, the metrics endpoint and Prometheus, in that order.
+
+        Raises
+        ------
+        ClinferError
+            If any part fails to start; the parts already started are stopped.
+        """
+        workdir = Path(self.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.triton = EmbeddedTritonServer(
+                self.repository,
+                host=self.host,
+                http_port=self.triton_http_port,
+                grpc_port=self.triton_grpc_port,
+                metrics_port=self.triton_metrics_port,
+                log_file=workdir / "tritonserver.log",
+            ).start()
+            registry = CollectorRegistry()
+            registry.register(NvmlGpuCollector())
+            ProcessCollector(registry=registry)
+            self.metrics = start_metrics_server(
+                registry, host=self.host, port=self.worker_metrics_port
+            )
+            self.prometheus = PrometheusServer(
+                workdir / "prometheus",
+                self.targets(),
+                host=self.host,
+                port=self.prometheus_port,
+                scrape_interval_s=self.scrape_interval_s,
+            ).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check_running(self) -> None:
+        """Raise if Triton or Prometheus has exited.
+
+        Raises
+        ------
+        ServerError
+            If a child process exited; the message names its log file.
+        """
+        for name, server in (
+            ("tritonserver", self.triton),
+            ("prometheus", self.prometheus),
+        ):
+            process = server.process if server is not None else None
+            if process is None or process.poll() is not None:
+                log = server.log_file if server is not None else "(not started)"
+                raise ServerError(f"{name} exited; see {log}")
+
+    def stop(self) -> None:
+        """Stop Prometheus, the metrics endpoint and Triton, in that order."""
+        if self.prometheus is not None:
+            self.prometheus.stop()
+            self.prometheus = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
+
+    def __enter__(self) -> MonitoringStack:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

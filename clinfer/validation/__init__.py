@@ -1,0 +1,1 @@
+"""Validation reports, go/no-go gates and model cards of trained clinfer models."""
