@@ -67,6 +67,9 @@ class JobOptions:
     strict: bool = False
     priority: int = BATCH_PRIORITY
     flush_every: int = 64
+    # Object store memory the streaming executor may fill with decoded frames ahead of
+    # inference. A fixed budget keeps the job's memory independent of its size.
+    object_store_budget_bytes: int = 512 * 2**20
     # Prometheus metrics: recorded into ``metrics`` (a new registry by default) and
     # served on metrics_host:metrics_port for the job's duration (0: any free port).
     metrics: JobMetrics | None = None
@@ -442,6 +445,10 @@ def _score(
 
     by_uid = {i["sop_instance_uid"]: i for i in instances}
     spec_fields = asdict(spec)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.resource_limits = ray.data.ExecutionResources(
+        object_store_memory=options.object_store_budget_bytes
+    )
     dataset = ray.data.from_items(
         [
             {"path": i["path"], "sop_instance_uid": i["sop_instance_uid"]}
