@@ -42,6 +42,13 @@ class ModelSpec:
     accepts: dict[str, Any]
     training: dict[str, Any]
     max_batch_size: int
+    # Models with an EMR input (the multimodal composition) also declare its name
+    # and length, and return image-only and EMR-only probabilities and a saliency map.
+    emr_input: str | None = None
+    emr_size: int = 0
+    image_output: str | None = None
+    emr_output: str | None = None
+    saliency_output: str | None = None
 
     @property
     def positive_index(self) -> int:
@@ -66,26 +73,64 @@ class ModelSpec:
         try:
             spec = json.loads(raw)
             version_info = spec.get("versions", {}).get(str(version), {})
-            return cls(
-                name=spec["name"],
-                version=str(version),
-                sha256=version_info.get("sha256", ""),
-                labels=tuple(spec["labels"]),
-                positive_label=spec["positive_label"],
-                threshold=float(spec["threshold"]),
-                input_name=spec["input"]["name"],
-                channels=int(spec["input"]["channels"]),
-                height=int(spec["input"]["height"]),
-                width=int(spec["input"]["width"]),
-                output_name=spec["output"]["name"],
-                accepts=spec["accepts"],
-                training=spec.get("training", {}),
-                max_batch_size=int(config.get("max_batch_size", 0)),
-            )
+            common = {
+                "name": spec["name"],
+                "version": str(version),
+                "sha256": version_info.get("sha256", ""),
+                "labels": tuple(spec["labels"]),
+                "positive_label": spec["positive_label"],
+                "threshold": float(spec["threshold"]),
+                "training": spec.get("training", {}),
+                "max_batch_size": int(config.get("max_batch_size", 0)),
+            }
+            if "input" in spec:
+                return cls(
+                    **common,
+                    input_name=spec["input"]["name"],
+                    channels=int(spec["input"]["channels"]),
+                    height=int(spec["input"]["height"]),
+                    width=int(spec["input"]["width"]),
+                    output_name=spec["output"]["name"],
+                    accepts=spec["accepts"],
+                )
+            return cls(**common, **_multi_input_fields(spec))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelSpecError(
                 f"model {name!r} has an invalid clinfer spec: {exc}"
             ) from exc
+
+
+# Models exported from the synthetic chest-radiograph cohort take CR and DX images.
+CHEST_RADIOGRAPH_ACCEPTS = {
+    "modalities": ["CR", "DX"],
+    "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2"],
+    "samples_per_pixel": [1],
+}
+
+
+def _multi_input_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """Read the fields of a spec with ``inputs`` and ``outputs`` lists."""
+    inputs = {tensor["name"]: tensor for tensor in spec["inputs"]}
+    outputs = [tensor["name"] for tensor in spec["outputs"]]
+    image = inputs["image"]
+    channels, height, width = (int(d) for d in image["dims"])
+    emr = inputs.get("emr")
+    primary = next(
+        name for name in ("fusion_probabilities", "probabilities") if name in outputs
+    )
+    return {
+        "input_name": "image",
+        "channels": channels,
+        "height": height,
+        "width": width,
+        "output_name": primary,
+        "accepts": spec.get("accepts", CHEST_RADIOGRAPH_ACCEPTS),
+        "emr_input": "emr" if emr else None,
+        "emr_size": int(emr["dims"][0]) if emr else 0,
+        "image_output": "image_probabilities" if "image_probabilities" in outputs else None,
+        "emr_output": "emr_probabilities" if "emr_probabilities" in outputs else None,
+        "saliency_output": "saliency" if "saliency" in outputs else None,
+    }
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:
@@ -192,6 +237,60 @@ class TritonModelClient:
                 "may have numpy 2, which Triton 2.51's Python backend does not support."
             )
         return array
+
+    def infer_multimodal(
+        self,
+        images: np.ndarray,
+        emr: np.ndarray,
+        spec: ModelSpec,
+        *,
+        priority: int,
+        saliency: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Run one batch of a model with an EMR input and return its outputs by name.
+
+        The priority is sent as Triton's request priority and as the request
+        parameter ``clinfer_priority``, which the composition copies onto the
+        requests it sends to its composing models (Triton 2.51's Python backend
+        lets a BLS request set no priority of its own).
+
+        Raises
+        ------
+        InferenceError
+            If Triton rejects or fails the request.
+        """
+        tensors = []
+        for name, array in ((spec.input_name, images), (spec.emr_input, emr)):
+            tensor = triton_grpc.InferInput(name, list(array.shape), "FP32")
+            tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            tensors.append(tensor)
+        names = [spec.output_name, spec.image_output, spec.emr_output]
+        if saliency:
+            names.append(spec.saliency_output)
+        names = [name for name in names if name]
+        try:
+            result = self._client.infer(
+                spec.name,
+                tensors,
+                model_version=spec.version,
+                outputs=[triton_grpc.InferRequestedOutput(name) for name in names],
+                priority=priority,
+                parameters={"clinfer_priority": priority},
+            )
+        except InferenceServerException as exc:
+            raise InferenceError(
+                f"Triton at {self.url} failed a batch of {images.shape[0]} for "
+                f"{spec.name}:{spec.version}: {exc.message()}"
+            ) from exc
+        arrays = {name: result.as_numpy(name) for name in names}
+        for name, array in arrays.items():
+            if array is None or array.shape[0] != images.shape[0]:
+                raise InferenceError(
+                    f"Triton at {self.url} returned output {name!r} with shape "
+                    f"{None if array is None else array.shape} for a batch of "
+                    f"{images.shape[0]}."
+                )
+        return arrays
 
     def close(self) -> None:
         self._client.close()

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,10 @@ from rich.progress import (
 from rich.table import Table
 
 from clinfer.errors import ClinferError
+
+if TYPE_CHECKING:
+    from clinfer.validation.report import ValidationReport
+    from clinfer.workers.pipeline import JobSummary
 
 app = typer.Typer(
     help="Clinical ML inference on Triton Inference Server with Ray workers.",
@@ -41,7 +45,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("ray", "ray.data", "urllib3"):
+    for noisy in ("ray", "ray.data", "urllib3", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -172,6 +176,16 @@ def score(
     metrics_host: Annotated[
         str, typer.Option(help="Address of the job metrics endpoint.")
     ] = "127.0.0.1",
+    emr: Annotated[
+        Path | None,
+        typer.Option(help="EMR CSV joined by PatientID and AccessionNumber, for "
+                          "models with an EMR input."),
+    ] = None,
+    dicom_out: Annotated[
+        Path | None,
+        typer.Option(help="Write a DICOM SR and a heatmap Secondary Capture per "
+                          "study into this folder."),
+    ] = None,
 ) -> None:
     """Score every DICOM file under PATHS and store results in OUT/results.sqlite."""
     _run_score(
@@ -187,25 +201,111 @@ def score(
         commit_every,
         metrics_port,
         metrics_host,
+        emr_csv=emr,
+        dicom_out=dicom_out,
     )
 
 
 @app.command()
 def run(
-    out: Annotated[Path, typer.Option(help="Output folder for results.sqlite.")] = Path(
+    out: Annotated[Path, typer.Option(help="Output folder of the corpus job.")] = Path(
         "results/corpus"
     ),
     repository: Annotated[
         Path, typer.Option(help="Model repository.")
     ] = DEFAULT_REPOSITORY,
+    workdir: Annotated[
+        Path,
+        typer.Option(help="Folder of the cohort, trained models, validation reports "
+                          "and the cohort job's results."),
+    ] = Path("results"),
+    cohort_size: Annotated[
+        int, typer.Option(help="Patients in the synthetic cohort.", min=100)
+    ] = 600,
+    corpus_only: Annotated[
+        bool, typer.Option(help="Score the bundled corpus only.")
+    ] = False,
 ) -> None:
-    """Export the bundled model, start the embedded server and score the bundled corpus."""
+    """Score the bundled corpus, then train, validate and serve the fusion model.
+
+    1. Export the untrained ``cxr_resnet`` and score the real DICOM corpus.
+    2. Generate the synthetic cohort, train the image, EMR and fusion models,
+       validate them, export them with their parity gates into the repository,
+       and score the cohort with the ``multimodal`` composition, EMR rows joined,
+       writing a DICOM SR and a heatmap Secondary Capture per study.
+    Every step keeps what an earlier run produced, so a second run scores nothing new.
+    """
     from clinfer.corpus import corpus_dirs
 
     export(repository=repository, seed=0, tolerance=1e-4)
     dirs = corpus_dirs()
     console.print("corpus: " + ", ".join(str(d) for d in dirs))
     _run_score(dirs, out, [], None, DEFAULT_MODEL, repository, 32, 2, False, 64)
+    if not corpus_only:
+        _run_cohort(workdir, repository, cohort_size)
+
+
+def _run_cohort(workdir: Path, repository: Path, cohort_size: int) -> None:
+    from clinfer.export.multimodal import export_trained_models
+    from clinfer.train.cohort import EMR_CSV_NAME, CohortManifest, generate_cohort
+    from clinfer.train.training import train_all
+    from clinfer.validation.report import validate_all
+
+    cohort_dir = workdir / "cohort"
+    models_dir = workdir / "models"
+    try:
+        if (cohort_dir / "manifest.json").is_file():
+            CohortManifest.load(cohort_dir)
+            console.print(f"cohort: {cohort_dir} (kept from an earlier run)")
+        else:
+            console.print(f"cohort: generating {cohort_size} synthetic patients")
+            generate_cohort(cohort_size, cohort_dir, seed=0)
+        if not (models_dir / "fusion" / "metadata.json").is_file():
+            console.print("training the image, EMR, fusion and Wisconsin models")
+            train_all(cohort_dir, models_dir, seed=0)
+        reports = validate_all(models_dir, workdir / "validation", cohort_dir=cohort_dir)
+        for report in reports:
+            console.print(f"validation: {_report_line(report)}")
+        exported = export_trained_models(models_dir, cohort_dir, repository, seed=0)
+    except (ClinferError, ValueError) as exc:
+        _fail(exc)
+    _copy_model_cards(exported.models, models_dir, repository)
+    console.print(
+        f"multimodal version {exported.composition_version} published in {repository}"
+    )
+    _run_score(
+        [cohort_dir / "dicom"],
+        workdir / "cohort-scores",
+        [],
+        None,
+        "multimodal",
+        repository,
+        32,
+        2,
+        False,
+        64,
+        emr_csv=cohort_dir / EMR_CSV_NAME,
+        dicom_out=workdir / "cohort-scores" / "dicom",
+    )
+
+
+def _copy_model_cards(exports: dict, models_dir: Path, repository: Path) -> None:
+    """Copy each trained model's card into the version folder it was published as."""
+    import shutil
+
+    for name, model_export in exports.items():
+        if model_export.version is None:
+            continue
+        version_dir = repository / name / str(model_export.version)
+        for card in ("model_card.md", "model_card.json"):
+            source = models_dir / name / card
+            if source.is_file() and version_dir.is_dir():
+                shutil.copyfile(source, version_dir / card)
+
+
+def _report_line(report: ValidationReport) -> str:
+    """Return one line naming a validation report's model, decision and folder."""
+    return f"{report.model_name} {report.overall} ({report.directory / 'report.md'})"
 
 
 @app.command()
@@ -230,7 +330,9 @@ def _run_score(
     commit_every: int,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
-) -> None:
+    emr_csv: Path | None = None,
+    dicom_out: Path | None = None,
+) -> JobSummary:
     from clinfer.client.triton import parse_model_ref
     from clinfer.server import EmbeddedTritonServer
     from clinfer.workers.pipeline import JobOptions, run_job
@@ -261,6 +363,8 @@ def _run_score(
         flush_every=commit_every,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        emr_csv=emr_csv,
+        dicom_out=dicom_out,
     )
     progress = Progress(
         TextColumn("{task.description}"),
@@ -289,6 +393,7 @@ def _run_score(
         if server is not None:
             server.stop()
     _print_summary(summary, out)
+    return summary
 
 
 def _print_summary(summary, out: Path) -> None:  # type: ignore[no-untyped-def]

@@ -31,7 +31,14 @@ from clinfer.export.repository import BATCH_PRIORITY
 from clinfer.workers import reasons
 from clinfer.workers.discovery import FileEntry, discover_files
 from clinfer.workers.results import Failure, InstanceResult, ResultStore
-from clinfer.workers.stages import DecodeStage, InferStage, scan_headers
+from clinfer.workers.stages import (
+    EMR_JOINED,
+    EMR_MISSING,
+    EMR_NOT_USED,
+    DecodeStage,
+    InferStage,
+    scan_headers,
+)
 
 from clinfer.errors import ClinferError, ConfigurationError
 from clinfer.metrics import (
@@ -70,6 +77,11 @@ class JobOptions:
     # Object store memory the streaming executor may fill with decoded frames ahead of
     # inference. A fixed budget keeps the job's memory independent of its size.
     object_store_budget_bytes: int = 512 * 2**20
+    # EMR rows (CSV as ``clinfer cohort`` writes it) joined to instances by
+    # PatientID and AccessionNumber, for models with an EMR input.
+    emr_csv: Path | None = None
+    # Folder for a DICOM SR per study and a heatmap Secondary Capture per study.
+    dicom_out: Path | None = None
     # Prometheus metrics: recorded into ``metrics`` (a new registry by default) and
     # served on metrics_host:metrics_port for the job's duration (0: any free port).
     metrics: JobMetrics | None = None
@@ -96,6 +108,7 @@ class JobSummary:
     total_instances: int = 0
     total_series: int = 0
     total_studies: int = 0
+    dicom_outputs: int = 0
     wall_s: float = 0.0
     status: str = "running"
 
@@ -232,6 +245,17 @@ def run_job(
                 summary,
                 report,
                 recorder,
+            )
+        if options.dicom_out is not None:
+            from clinfer.workers.dicom_outputs import write_study_outputs
+
+            store.update_studies(spec.positive_label, _negative_label(spec))
+            summary.dicom_outputs = write_study_outputs(
+                store,
+                spec,
+                options.triton_urls[0],
+                Path(options.dicom_out),
+                priority=options.priority,
             )
         summary.status = "completed"
     except BaseException as exc:
@@ -412,8 +436,11 @@ def _scan(
                 "series_instance_uid": str(row["series_instance_uid"]),
                 "modality": str(row["modality"]),
                 "number_of_frames": int(row["number_of_frames"]),
+                "patient_id": str(row["patient_id"]),
+                "accession_number": str(row["accession_number"]),
             }
         )
+    _join_emr(instances, spec, options.emr_csv, job_id)
     store.record_failures(failures, job_id)
     store.record_files(file_rows)
     recorder.rejected(failures, in_flight=False)
@@ -428,6 +455,61 @@ def _scan(
         len(failures),
     )
     return instances
+
+
+def _join_emr(
+    instances: list[dict[str, Any]], spec: ModelSpec, emr_csv: Path | None, job_id: str
+) -> None:
+    """Attach EMR features to each instance by (PatientID, AccessionNumber).
+
+    An instance without an EMR row is scored by the image model alone and stored
+    with ``emr_status = "missing"``.
+
+    Raises
+    ------
+    ConfigurationError
+        If the model takes an EMR input and no EMR file is given, or the file is
+        invalid.
+    """
+    if not spec.emr_input:
+        for instance in instances:
+            instance["emr_status"] = EMR_NOT_USED
+        return
+    if emr_csv is None:
+        raise ConfigurationError(
+            f"model {spec.name} takes an EMR input; pass --emr FILE (a CSV as "
+            "`clinfer cohort` writes it), or score with an image-only model."
+        )
+    from clinfer.train.emr import emr_features, read_emr_csv
+
+    try:
+        records = read_emr_csv(Path(emr_csv))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read the EMR file {emr_csv}: {exc}") from exc
+    joined = 0
+    for instance in instances:
+        record = records.get((instance["patient_id"], instance["accession_number"]))
+        if record is None:
+            instance["emr"] = [0.0] * spec.emr_size
+            instance["emr_status"] = EMR_MISSING
+            continue
+        features = emr_features(record)
+        if len(features) != spec.emr_size:
+            raise ConfigurationError(
+                f"the EMR file {emr_csv} gives {len(features)} features but model "
+                f"{spec.name} expects {spec.emr_size}; export the model from the "
+                "same clinfer version."
+            )
+        instance["emr"] = features
+        instance["emr_status"] = EMR_JOINED
+        joined += 1
+    logger.info(
+        "job %s: EMR rows joined for %d of %d instances; the others are scored by "
+        "the image model alone",
+        job_id,
+        joined,
+        len(instances),
+    )
 
 
 def _score(
@@ -449,11 +531,15 @@ def _score(
     context.execution_options.resource_limits = ray.data.ExecutionResources(
         object_store_memory=options.object_store_budget_bytes
     )
+    items = [
+        {"path": i["path"], "sop_instance_uid": i["sop_instance_uid"]} for i in instances
+    ]
+    if spec.emr_input:
+        for item, instance in zip(items, instances):
+            item["emr"] = instance["emr"]
+            item["emr_status"] = instance["emr_status"]
     dataset = ray.data.from_items(
-        [
-            {"path": i["path"], "sop_instance_uid": i["sop_instance_uid"]}
-            for i in instances
-        ],
+        items,
         override_num_blocks=max(
             1, min(len(instances) // options.decode_batch_size, 200)
         ),
@@ -483,9 +569,7 @@ def _score(
         num_cpus=0.1,
     )
 
-    pending: dict[str, list[tuple[int, np.ndarray, float, float, float, str]]] = (
-        defaultdict(list)
-    )
+    pending: dict[str, list[FrameResult]] = defaultdict(list)
     ready: list[InstanceResult] = []
     failures: list[Failure] = []
     done = 0
@@ -509,13 +593,15 @@ def _score(
                 continue
             frames = pending[uid]
             frames.append(
-                (
-                    int(batch["frame_index"][i]),
-                    batch["scores"][i],
-                    float(batch["decode_ms"][i]),
-                    float(batch["preprocess_ms"][i]),
-                    float(batch["infer_ms"][i]),
-                    str(batch["settings"][i]),
+                FrameResult(
+                    index=int(batch["frame_index"][i]),
+                    probabilities=batch["scores"][i],
+                    image_probabilities=batch["image_scores"][i],
+                    emr_probabilities=batch["emr_scores"][i],
+                    decode_ms=float(batch["decode_ms"][i]),
+                    preprocess_ms=float(batch["preprocess_ms"][i]),
+                    infer_ms=float(batch["infer_ms"][i]),
+                    settings=str(batch["settings"][i]),
                 )
             )
             if len(frames) == int(batch["num_frames"][i]):
@@ -558,19 +644,38 @@ def _flush(
     return inserted
 
 
+@dataclass
+class FrameResult:
+    """The model outputs and timings of one frame, as collected on the driver."""
+
+    index: int
+    probabilities: np.ndarray
+    image_probabilities: np.ndarray
+    emr_probabilities: np.ndarray
+    decode_ms: float
+    preprocess_ms: float
+    infer_ms: float
+    settings: str
+
+
 def _instance_result(
-    instance: dict[str, Any],
-    frames: list[tuple[int, np.ndarray, float, float, float, str]],
-    spec: ModelSpec,
+    instance: dict[str, Any], frames: list[FrameResult], spec: ModelSpec
 ) -> InstanceResult:
     import json
 
-    frames.sort(key=lambda frame: frame[0])
-    probabilities = np.stack([frame[1] for frame in frames])
+    frames.sort(key=lambda frame: frame.index)
+    probabilities = np.stack([frame.probabilities for frame in frames])
     positive = probabilities[:, spec.positive_index]
     best = int(np.argmax(positive))
     score = float(positive[best])
     label = spec.positive_label if score >= spec.threshold else _negative_label(spec)
+    outputs: dict[str, float] = {}
+    for key, values in (
+        ("image_score", frames[best].image_probabilities),
+        ("emr_score", frames[best].emr_probabilities),
+    ):
+        if not np.isnan(values[spec.positive_index]):
+            outputs[key] = float(values[spec.positive_index])
     return InstanceResult(
         sop_instance_uid=instance["sop_instance_uid"],
         study_instance_uid=instance["study_instance_uid"],
@@ -583,8 +688,10 @@ def _instance_result(
         scores={name: float(v) for name, v in zip(spec.labels, probabilities[best])},
         frame_scores=[float(v) for v in positive],
         threshold=spec.threshold,
-        decode_ms=sum(frame[2] for frame in frames),
-        preprocess_ms=sum(frame[3] for frame in frames),
-        infer_ms=sum(frame[4] for frame in frames),
-        preprocessing=json.loads(frames[0][5]),
+        decode_ms=sum(frame.decode_ms for frame in frames),
+        preprocess_ms=sum(frame.preprocess_ms for frame in frames),
+        infer_ms=sum(frame.infer_ms for frame in frames),
+        preprocessing=json.loads(frames[0].settings),
+        emr_status=instance.get("emr_status", EMR_NOT_USED),
+        outputs=outputs,
     )

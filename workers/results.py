@@ -23,7 +23,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS instances (
     preprocessing_json TEXT NOT NULL,
     job_id TEXT NOT NULL,
     scored_at REAL NOT NULL,
+    emr_status TEXT NOT NULL DEFAULT 'not_used',
+    outputs_json TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (sop_instance_uid, model_name, model_version)
 );
 CREATE TABLE IF NOT EXISTS studies (
@@ -85,6 +87,15 @@ CREATE TABLE IF NOT EXISTS failures (
     job_id TEXT NOT NULL,
     recorded_at REAL NOT NULL,
     PRIMARY KEY (path, model_name, model_version)
+);
+CREATE TABLE IF NOT EXISTS dicom_outputs (
+    study_instance_uid TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    sr_path TEXT,
+    sc_path TEXT,
+    written_at REAL NOT NULL,
+    PRIMARY KEY (study_instance_uid, model_name, model_version)
 );
 CREATE TABLE IF NOT EXISTS files (
     path TEXT NOT NULL,
@@ -118,6 +129,8 @@ class InstanceResult:
     preprocess_ms: float
     infer_ms: float
     preprocessing: dict[str, Any]
+    emr_status: str = "not_used"
+    outputs: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -146,7 +159,18 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._db.commit()
+
+    def _add_missing_columns(self) -> None:
+        # Databases written before the EMR columns existed get them with defaults.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
+        for name, definition in (
+            ("emr_status", "TEXT NOT NULL DEFAULT 'not_used'"),
+            ("outputs_json", "TEXT NOT NULL DEFAULT '{}'"),
+        ):
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE instances ADD COLUMN {name} {definition}")
 
     @property
     def _model(self) -> tuple[str, str]:
@@ -249,8 +273,8 @@ class ResultStore:
                     "model_sha256, study_instance_uid, series_instance_uid, path, modality, "
                     "num_frames, label, score, scores_json, frame_scores_json, threshold, "
                     "decode_ms, preprocess_ms, infer_ms, preprocessing_json, job_id, "
-                    "scored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                    "?, ?, ?) ON CONFLICT DO NOTHING",
+                    "scored_at, emr_status, outputs_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (
                         r.sop_instance_uid,
                         *self._model,
@@ -271,6 +295,8 @@ class ResultStore:
                         json.dumps(r.preprocessing, sort_keys=True),
                         job_id,
                         now,
+                        r.emr_status,
+                        json.dumps(r.outputs, sort_keys=True),
                     ),
                 )
                 inserted += cursor.rowcount
@@ -334,6 +360,38 @@ class ResultStore:
             self._model,
         )
         return {(outcome, reason): n for outcome, reason, n in rows}
+
+    def studies_without_outputs(self) -> list[tuple[str, float]]:
+        """Return (StudyInstanceUID, score) of studies with no DICOM outputs yet."""
+        rows = self._db.execute(
+            "SELECT s.study_instance_uid, s.score FROM studies s LEFT JOIN "
+            "dicom_outputs o ON o.study_instance_uid = s.study_instance_uid AND "
+            "o.model_name = s.model_name AND o.model_version = s.model_version "
+            "WHERE s.model_name = ? AND s.model_version = ? AND o.written_at IS NULL "
+            "ORDER BY s.study_instance_uid",
+            self._model,
+        )
+        return [(uid, float(score)) for uid, score in rows]
+
+    def study_instances(self, study_instance_uid: str) -> list[tuple[str, str, float]]:
+        """Return (path, SOPInstanceUID, score) of a study's instances, best first."""
+        rows = self._db.execute(
+            "SELECT path, sop_instance_uid, score FROM instances WHERE "
+            "study_instance_uid = ? AND model_name = ? AND model_version = ? "
+            "ORDER BY score DESC, sop_instance_uid",
+            (study_instance_uid, *self._model),
+        )
+        return [(path, uid, float(score)) for path, uid, score in rows]
+
+    def record_outputs(
+        self, study_instance_uid: str, sr_path: str | None, sc_path: str | None
+    ) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO dicom_outputs (study_instance_uid, model_name, "
+                "model_version, sr_path, sc_path, written_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (study_instance_uid, *self._model, sr_path, sc_path, time.time()),
+            )
 
     def series_count(self) -> int:
         row = self._db.execute(

@@ -24,6 +24,12 @@ from clinfer.errors import DicomInputError, InferenceError
 
 logger = logging.getLogger(__name__)
 
+# EMR join status of an instance: a row was found, none was found (scored by the
+# image model alone), or the model takes no EMR input.
+EMR_JOINED = "joined"
+EMR_MISSING = "missing"
+EMR_NOT_USED = "not_used"
+
 HEADER_FIELDS = [field.name for field in dataclasses.fields(InstanceHeader)]
 
 
@@ -74,8 +80,13 @@ class DecodeStage:
         rows: list[dict[str, Any]] = []
         tensors: list[np.ndarray] = []
         blank = np.zeros((1, self.config.height, self.config.width), dtype=np.float32)
-        for path, uid in zip(batch["path"], batch["sop_instance_uid"]):
-            base = {"path": str(path), "sop_instance_uid": str(uid)}
+        for index, (path, uid) in enumerate(
+            zip(batch["path"], batch["sop_instance_uid"])
+        ):
+            base: dict[str, Any] = {"path": str(path), "sop_instance_uid": str(uid)}
+            if "emr" in batch:
+                base["emr"] = np.asarray(batch["emr"][index], dtype=np.float32)
+                base["emr_status"] = str(batch["emr_status"][index])
             try:
                 instance = load_and_preprocess(
                     str(path), self.config, strict=self.strict
@@ -157,38 +168,62 @@ class InferStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"].astype(bool)
         n = ok.shape[0]
-        scores = np.full((n, len(self.spec.labels)), np.nan, dtype=np.float32)
+        width = len(self.spec.labels)
+        scores = np.full((n, width), np.nan, dtype=np.float32)
+        image_scores = np.full((n, width), np.nan, dtype=np.float32)
+        emr_scores = np.full((n, width), np.nan, dtype=np.float32)
         infer_ms = np.zeros(n, dtype=np.float64)
         server = np.array([""] * n, dtype=object)
         # The request's round trip, on its first row only, for the job's metrics.
         request_ms = np.full(n, np.nan, dtype=np.float64)
         if ok.any():
             images = batch["tensor"][ok]
+            emr = batch["emr"][ok] if self.spec.emr_input else None
             start = time.perf_counter()
-            output, url = self._infer_with_retries(images)
+            outputs, url = self._infer_with_retries(images, emr)
             elapsed_ms = (time.perf_counter() - start) * 1000.0
-            scores[ok] = output
+            scores[ok] = outputs[self.spec.output_name]
+            if self.spec.image_output:
+                image_scores[ok] = outputs[self.spec.image_output]
+            if self.spec.emr_output:
+                emr_scores[ok] = outputs[self.spec.emr_output]
+            if self.spec.emr_input:
+                # A study without an EMR row is scored by the image model alone.
+                missing = ok & (batch["emr_status"] == EMR_MISSING)
+                scores[missing] = image_scores[missing]
+                emr_scores[missing] = np.nan
             infer_ms[ok] = elapsed_ms / images.shape[0]
             server[ok] = url
             request_ms[int(np.argmax(ok))] = elapsed_ms
-        out = {key: value for key, value in batch.items() if key != "tensor"}
+        out = {key: value for key, value in batch.items() if key not in ("tensor", "emr")}
         out.update(
             scores=scores,
+            image_scores=image_scores,
+            emr_scores=emr_scores,
             infer_ms=infer_ms,
             server=server.astype(str),
             request_ms=request_ms,
         )
         return out
 
-    def _infer_with_retries(self, images: np.ndarray) -> tuple[np.ndarray, str]:
+    def _infer_with_retries(
+        self, images: np.ndarray, emr: np.ndarray | None
+    ) -> tuple[dict[str, np.ndarray], str]:
         last: InferenceError | None = None
         for attempt in range(self.retries):
             client = self.clients[self._next]
             self._next = (self._next + 1) % len(self.clients)
             try:
-                return client.infer(
-                    images, self.spec, priority=self.priority
-                ), client.url
+                if emr is not None:
+                    outputs = client.infer_multimodal(
+                        images, emr, self.spec, priority=self.priority
+                    )
+                else:
+                    probabilities = client.infer(
+                        images, self.spec, priority=self.priority
+                    )
+                    outputs = {self.spec.output_name: probabilities}
+                return outputs, client.url
             except InferenceError as exc:
                 last = exc
                 logger.warning(

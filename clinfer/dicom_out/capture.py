@@ -295,7 +295,7 @@ def write_heatmap_capture(
             f"writing the secondary capture to {out_path} failed: {exc}; check that "
             "the folder is writable"
         ) from exc
-    logger.info(
+    logger.debug(
         "Wrote heatmap SC for instance %s, model %s v%s, to %s",
         uid_hash(str(source_dataset.SOPInstanceUID)),
         result.model_name,

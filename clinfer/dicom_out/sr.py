@@ -221,7 +221,7 @@ def write_structured_report(
             f"writing the structured report to {out_path} failed: {exc}; check "
             "that the folder is writable"
         ) from exc
-    logger.info(
+    logger.debug(
         "Wrote SR for study %s, model %s v%s, to %s",
         uid_hash(str(sr.StudyInstanceUID)),
         result.model_name,

@@ -1,0 +1,249 @@
+"""Triton configs and versioned publishing for the trained multi-input models.
+
+Layout of one model::
+
+    <repository>/<name>/
+        config.pbtxt               Python backend (embedded CPU server)
+        configs/onnxruntime.pbtxt  Triton's native onnxruntime backend (GPU servers)
+        configs/tensorrt.pbtxt     Triton's tensorrt backend, needs <version>/model.plan
+        clinfer.json               the spec: inputs, outputs, labels, versions, parity
+        labels.txt                 class labels, one a line (label_filename)
+        <version>/...              model.onnx and Python host files, or model.py
+
+``tritonserver --model-config-name=onnxruntime`` (Triton 23.04 and later) reads
+``configs/onnxruntime.pbtxt`` instead of ``config.pbtxt`` where a model has it and
+``config.pbtxt`` elsewhere, so a composition with only ``config.pbtxt`` is served by
+the Python backend under every config name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clinfer.export.repository import (
+    BATCH_PRIORITY,
+    SPEC_PARAMETER,
+    existing_versions,
+)
+
+from clinfer.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+LABELS_FILE = "labels.txt"
+SPEC_FILE = "clinfer.json"
+PRIORITY_LEVELS = 2
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Scheduling options written into every config."""
+
+    max_batch_size: int = 32
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
+    max_queue_delay_us: int = 2000
+    instance_count: int = 1
+    intra_op_threads: int = 0
+    warmup: bool = True
+
+
+def _pbtxt_string(value: str) -> str:
+    # Protobuf text format accepts C-style escapes; json.dumps emits a compatible
+    # double-quoted literal for ASCII text.
+    return json.dumps(value, ensure_ascii=True)
+
+
+def _tensor_lines(tensors: list[dict[str, Any]], *, outputs: bool) -> list[str]:
+    lines = []
+    for tensor in tensors:
+        label = f' label_filename: "{LABELS_FILE}"' if tensor.get("labels") else ""
+        lines.append(
+            f'  {{ name: "{tensor["name"]}" data_type: TYPE_FP32 '
+            f"dims: {list(tensor['dims'])}{label if outputs else ''} }}"
+        )
+    return [",\n".join(lines)]
+
+
+def _warmup_lines(inputs: list[dict[str, Any]]) -> list[str]:
+    lines = ["model_warmup [", "  {", '    name: "zeros"', "    batch_size: 1"]
+    for tensor in inputs:
+        lines += [
+            "    inputs {",
+            f'      key: "{tensor["name"]}"',
+            f"      value {{ data_type: TYPE_FP32 dims: {list(tensor['dims'])} "
+            "zero_data: true }",
+            "    }",
+        ]
+    return [*lines, "  }", "]"]
+
+
+def render_config(
+    spec: Mapping[str, Any],
+    *,
+    backend: str,
+    options: ServingOptions | None = None,
+    warmup: bool | None = None,
+) -> str:
+    """Render Triton config text for ``backend`` (python, onnxruntime or tensorrt).
+
+    The header comments list each output with its meaning and the labels, and the
+    ``clinfer_spec`` parameter contains the whole spec as JSON.
+
+    Raises
+    ------
+    ExportError
+        If ``backend`` is not one of ``BACKENDS``.
+    """
+    if backend not in BACKENDS:
+        raise ExportError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    options = options or ServingOptions()
+    lines = [f"# {spec['name']}: {spec['task']}"]
+    lines += [f"# labels: {', '.join(spec['labels'])}"]
+    for tensor in [*spec["inputs"], *spec["outputs"]]:
+        lines.append(f"# {tensor['name']}: {tensor['description']}")
+    lines.append(f'name: "{spec["name"]}"')
+    if backend == "python":
+        lines.append('backend: "python"')
+        kind = "KIND_CPU"
+    elif backend == "onnxruntime":
+        lines += ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"']
+        kind = "KIND_GPU"
+    else:
+        lines += [
+            "# <version>/model.plan is written only by `clinfer export-trained` on a",
+            "# machine with TensorRT and a GPU; clinfer.json records whether it was.",
+            'backend: "tensorrt"',
+            'default_model_filename: "model.plan"',
+        ]
+        kind = "KIND_GPU"
+    lines += [
+        f"max_batch_size: {options.max_batch_size}",
+        "input [",
+        *_tensor_lines(spec["inputs"], outputs=False),
+        "]",
+        "output [",
+        *_tensor_lines(spec["outputs"], outputs=True),
+        "]",
+        "version_policy: { latest { num_versions: 1 } }",
+        f"instance_group [ {{ kind: {kind} count: {options.instance_count} }} ]",
+        "dynamic_batching {",
+        f"  preferred_batch_size: {list(options.preferred_batch_sizes)}",
+        f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
+        f"  priority_levels: {PRIORITY_LEVELS}",
+        f"  default_priority_level: {BATCH_PRIORITY}",
+        "}",
+    ]
+    if options.warmup if warmup is None else warmup:
+        lines += _warmup_lines(spec["inputs"])
+    parameters = {SPEC_PARAMETER: json.dumps(dict(spec), sort_keys=True)}
+    if backend == "python":
+        parameters["intra_op_threads"] = str(options.intra_op_threads)
+        parameters.update(spec.get("python_parameters", {}))
+    for key, value in parameters.items():
+        lines += [
+            "parameters {",
+            f'  key: "{key}"',
+            f"  value: {{ string_value: {_pbtxt_string(value)} }}",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def content_sha256(files: Mapping[str, bytes]) -> str:
+    """Return the SHA-256 of a version's files: sorted names and contents."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return digest.hexdigest()
+
+
+def read_spec(model_dir: Path) -> dict[str, Any] | None:
+    """Return the ``clinfer.json`` of a model folder, or None if there is none."""
+    path = model_dir / SPEC_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def publish_model(
+    repository: Path,
+    spec: Mapping[str, Any],
+    files: Mapping[str, bytes],
+    *,
+    version_info: Mapping[str, Any],
+    backends: tuple[str, ...] = BACKENDS,
+    options: ServingOptions | None = None,
+    warmup: bool | None = None,
+) -> tuple[int, bool]:
+    """Publish ``files`` as a version of ``spec["name"]`` and rewrite its configs.
+
+    If the newest version has the same files (``content_sha256``), it is kept and
+    no version is added, so re-exporting unchanged weights is idempotent. A new
+    version is assembled in a staging folder and renamed into place, so a server
+    polling the repository never loads a half-written version. ``config.pbtxt`` uses
+    the first backend and ``configs/<backend>.pbtxt`` the others.
+
+    Returns
+    -------
+    (version, created)
+
+    Raises
+    ------
+    ExportError
+        If the version folder cannot be written.
+    """
+    options = options or ServingOptions()
+    model_dir = Path(repository) / spec["name"]
+    versions = existing_versions(model_dir)
+    sha256 = content_sha256(files)
+    previous = read_spec(model_dir) or {}
+    known = previous.get("versions", {})
+    if versions and known.get(str(versions[-1]), {}).get("sha256") == sha256:
+        version, created = versions[-1], False
+    else:
+        version, created = (versions[-1] + 1) if versions else 1, True
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".staging-"))
+        try:
+            for name, content in files.items():
+                (staging / name).write_bytes(content)
+            os.replace(staging, model_dir / str(version))
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ExportError(
+                f"writing version {version} into {model_dir} failed: {exc}; check "
+                "the repository's permissions and free space"
+            ) from exc
+        known = {**known, str(version): {**version_info, "sha256": sha256}}
+    full_spec = {**spec, "versions": known}
+    _write_text_atomic(
+        model_dir / SPEC_FILE, json.dumps(full_spec, indent=2, sort_keys=True)
+    )
+    _write_text_atomic(model_dir / LABELS_FILE, "\n".join(spec["labels"]) + "\n")
+    for index, backend in enumerate(backends):
+        target = "config.pbtxt" if index == 0 else f"configs/{backend}.pbtxt"
+        text = render_config(full_spec, backend=backend, options=options, warmup=warmup)
+        _write_text_atomic(model_dir / target, text)
+    if created:
+        logger.info(
+            "Published %s version %d (sha256 %s)", spec["name"], version, sha256[:12]
+        )
+    return version, created
