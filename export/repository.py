@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,11 @@ SPEC_PARAMETER = "clinfer_spec"
 # Priority levels used by every clinfer model: 1 for real-time queries, 2 for batch jobs.
 REALTIME_PRIORITY = 1
 BATCH_PRIORITY = 2
+# Suffix of the dedicated real-time model and the batch config parameter naming it.
+REALTIME_SUFFIX = "_realtime"
+REALTIME_MODEL_PARAMETER = "clinfer_realtime_model"
+# Extra output of the Python-backend config: ONNX Runtime milliseconds per execution.
+COMPUTE_OUTPUT = "compute_ms"
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,21 @@ class TritonConfigOptions:
     max_queue_delay_us: int = 2000
     instance_count: int = 1
     intra_op_threads: int = 0
+    # Queue policy of the batch level. 0 means no limit and no timeout; a timed-out
+    # batch request is delayed behind the others, not rejected.
+    batch_max_queue_size: int = 0
+    batch_timeout_us: int = 0
+    # Two defaults shorten real-time latency under a batch load. A dedicated
+    # "<name>_realtime" model on the same ONNX versions means a real-time request
+    # never waits for a running batch execution. Without ONNX Runtime thread
+    # spinning, idle threads of one instance do not busy-wait on the other's cores.
+    # `clinfer bench realtime` measures both against the alternatives.
+    realtime_model: bool = True
+    realtime_intra_op_threads: int = 0
+    allow_spinning: bool = False
+    """Whether idle ONNX Runtime threads busy-wait for work (python only)."""
+    process_nice: int = 0
+    """Added to the nice value of the batch model's stub processes (python only)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -101,6 +121,7 @@ def render_config(
         f'  {{ name: "{spec["output"]["name"]}" data_type: TYPE_FP32 '
         f"dims: [{len(spec['labels'])}] }}",
         "]",
+        *_timing_output_lines(backend),
         "version_policy: { latest { num_versions: 1 } }",
         "instance_group [",
         f"  {{ kind: {instance_kind} count: {options.instance_count} }}",
@@ -110,20 +131,67 @@ def render_config(
         f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
         "  priority_levels: 2",
         f"  default_priority_level: {BATCH_PRIORITY}",
+        *_queue_policy_lines(options),
         "}",
         "parameters {",
         f'  key: "{SPEC_PARAMETER}"',
         f"  value: {{ string_value: {_pbtxt_string(json.dumps(spec, sort_keys=True))} }}",
         "}",
     ]
+    if options.realtime_model:
+        lines += [
+            "parameters {",
+            f'  key: "{REALTIME_MODEL_PARAMETER}"',
+            f'  value: {{ string_value: "{spec["name"]}{REALTIME_SUFFIX}" }}',
+            "}",
+        ]
     if backend == "python":
         lines += [
             "parameters {",
             '  key: "intra_op_threads"',
             f'  value: {{ string_value: "{options.intra_op_threads}" }}',
             "}",
+            "parameters {",
+            '  key: "allow_spinning"',
+            f'  value: {{ string_value: "{int(options.allow_spinning)}" }}',
+            "}",
+            "parameters {",
+            '  key: "process_nice"',
+            f'  value: {{ string_value: "{options.process_nice}" }}',
+            "}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _timing_output_lines(backend: str) -> list[str]:
+    # The Python-backend host fills this output with its ONNX Runtime time per
+    # execution; the native onnxruntime backend has no such output.
+    if backend != "python":
+        return []
+    return [
+        "output [",
+        f'  {{ name: "{COMPUTE_OUTPUT}" data_type: TYPE_FP32 dims: [1] }}',
+        "]",
+    ]
+
+
+def _queue_policy_lines(options: TritonConfigOptions) -> list[str]:
+    # Real-time requests are never timed out or rejected for queue size; batch
+    # requests may be bounded, and a timed-out one is delayed, not failed.
+    return [
+        "  priority_queue_policy {",
+        f"    key: {REALTIME_PRIORITY}",
+        "    value: { timeout_action: REJECT default_timeout_microseconds: 0 "
+        "allow_timeout_override: false max_queue_size: 0 }",
+        "  }",
+        "  priority_queue_policy {",
+        f"    key: {BATCH_PRIORITY}",
+        "    value: { timeout_action: DELAY "
+        f"default_timeout_microseconds: {options.batch_timeout_us} "
+        "allow_timeout_override: true "
+        f"max_queue_size: {options.batch_max_queue_size} }}",
+        "  }",
+    ]
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -210,3 +278,74 @@ def _write_model_configs(
         model_dir / "configs" / "onnxruntime.pbtxt",
         render_config(spec, backend="onnxruntime", options=options),
     )
+    if options.realtime_model:
+        write_realtime_model(model_dir, spec, options)
+
+
+def realtime_options(options: TritonConfigOptions) -> TritonConfigOptions:
+    """Return the config options of the dedicated real-time model.
+
+    It has one instance at the default nice value, ``realtime_intra_op_threads``
+    ONNX Runtime threads, the same batching and no real-time model of its own.
+    """
+    return replace(
+        options,
+        instance_count=1,
+        intra_op_threads=options.realtime_intra_op_threads,
+        process_nice=0,
+        realtime_model=False,
+    )
+
+
+def write_realtime_model(
+    model_dir: Path, spec: dict[str, Any], options: TritonConfigOptions
+) -> None:
+    """Mirror every version of ``model_dir`` into ``<name>_realtime`` with its configs.
+
+    Version folders are hard-linked where the file system allows it, else copied,
+    so both models serve the same bytes and the same SHA-256.
+    """
+    name = spec["name"] + REALTIME_SUFFIX
+    target_dir = model_dir.parent / name
+    versions = existing_versions(model_dir)
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for stale in set(existing_versions(target_dir)) - set(versions):
+            shutil.rmtree(target_dir / str(stale))
+        for version in versions:
+            target = target_dir / str(version)
+            if target.is_dir():
+                continue
+            staging = Path(tempfile.mkdtemp(dir=target_dir, prefix=".staging-"))
+            shutil.copytree(
+                model_dir / str(version),
+                staging,
+                copy_function=_link_or_copy,
+                dirs_exist_ok=True,
+            )
+            os.replace(staging, target)
+    except OSError as exc:
+        raise ExportError(
+            f"writing the real-time model {name} into {target_dir} failed: {exc}"
+        ) from exc
+    realtime_spec = {**spec, "name": name}
+    rt_options = realtime_options(options)
+    _write_text_atomic(
+        target_dir / "clinfer.json", json.dumps(realtime_spec, indent=2, sort_keys=True)
+    )
+    _write_text_atomic(
+        target_dir / "config.pbtxt",
+        render_config(realtime_spec, backend="python", options=rt_options),
+    )
+    _write_text_atomic(
+        target_dir / "configs" / "onnxruntime.pbtxt",
+        render_config(realtime_spec, backend="onnxruntime", options=rt_options),
+    )
+
+
+def _link_or_copy(source: str, destination: str) -> str:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+    return destination
