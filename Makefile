@@ -5,9 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 # Debian packages the tests use: dciodvfy (dicom3tools) validates written DICOM
-# objects, and prometheus is the real server of the monitoring tests. Installed as
-# root, once, when one is missing.
-SYSTEM_PACKAGES ?= dicom3tools prometheus
+# objects, prometheus is the real server of the monitoring tests, and chromium is
+# the browser of the gateway page test. Installed as root, once, when one is missing.
+SYSTEM_PACKAGES ?= dicom3tools prometheus chromium
 
 .PHONY: venv system run test lint clean
 

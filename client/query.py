@@ -720,6 +720,9 @@ class Client:
                     model_version=model.spec.version,
                     outputs=outputs,
                     priority=self.priority,
+                    # A composition copies this parameter onto the requests it sends
+                    # to its composing models (see clinfer.export.composition).
+                    parameters={"clinfer_priority": self.priority},
                     client_timeout=self.timeout_s,
                 )
             except InferenceServerException as exc:
@@ -878,6 +881,9 @@ class AsyncClient:
                     model_version=model.spec.version,
                     outputs=outputs,
                     priority=self.priority,
+                    # A composition copies this parameter onto the requests it sends
+                    # to its composing models (see clinfer.export.composition).
+                    parameters={"clinfer_priority": self.priority},
                     client_timeout=self.timeout_s,
                 )
             except InferenceServerException as exc:

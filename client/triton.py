@@ -162,24 +162,55 @@ class TritonModelClient:
 
         Raises
         ------
+        ModelSpecError
+            If the server is up but does not have the model or the version.
         ServerNotReadyError
-            If the model is not ready within ``timeout_s``.
+            If the server cannot be reached, or the model is not ready, within
+            ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
+        reached = False
         last_error = ""
+        label = f"{self.model}:{self.version}" if self.version else self.model
         while time.monotonic() < deadline:
             try:
+                index = self._client.get_model_repository_index(as_json=True)
+                reached = True
+                self._check_in_index(index.get("models", []))
                 if self._client.is_model_ready(self.model, self.version or ""):
                     return
-                last_error = "model not ready"
+                last_error = f"model {label} is loading or failed to load"
             except InferenceServerException as exc:
-                last_error = str(exc)
+                last_error = exc.message() or str(exc)
             time.sleep(0.5)
+        if not reached:
+            raise ServerNotReadyError(
+                f"cannot reach Triton at {self.url} within {timeout_s:.0f} s "
+                f"({last_error}); start a server with `clinfer serve` or check "
+                "--triton-url (HOST:PORT of its gRPC endpoint)."
+            )
         raise ServerNotReadyError(
-            f"model {self.model!r} is not ready on Triton at {self.url} after "
-            f"{timeout_s:.0f} s ({last_error}); check the server log and that the model "
-            "repository holds the model."
+            f"model {label} is not ready on Triton at {self.url} after "
+            f"{timeout_s:.0f} s ({last_error}); check the server log."
         )
+
+    def _check_in_index(self, entries: list[dict[str, Any]]) -> None:
+        names = sorted({entry["name"] for entry in entries})
+        if self.model not in names:
+            raise ModelSpecError(
+                f"Triton at {self.url} has no model {self.model!r}; it has "
+                f"{', '.join(names) or 'no models'}. Pass --model with one of them, "
+                "or export the model into the server's repository."
+            )
+        versions = sorted(
+            {str(e.get("version", "")) for e in entries if e["name"] == self.model}
+            - {""}
+        )
+        if self.version and versions and self.version not in versions:
+            raise ModelSpecError(
+                f"Triton at {self.url} has no version {self.version} of model "
+                f"{self.model!r}; it has version(s) {', '.join(versions)}."
+            )
 
     def fetch_spec(self) -> ModelSpec:
         """Read the model's clinfer spec and resolve the served version.

@@ -341,6 +341,20 @@ def _run_score(
         name, version = parse_model_ref(model)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from exc
+    for path in paths:
+        if not Path(path).exists():
+            raise typer.BadParameter(
+                f"{path} does not exist; give DICOM files or folders to score.",
+                param_hint="PATHS",
+            )
+    for url in urls:
+        host, _, port = url.rpartition(":")
+        if not host or not port.isdigit():
+            raise typer.BadParameter(
+                f"{url!r} is not HOST:PORT; give the gRPC address of a Triton server, "
+                "for example 127.0.0.1:8001.",
+                param_hint="--triton-url",
+            )
     server = None
     if not urls:
         server = EmbeddedTritonServer(
@@ -444,6 +458,7 @@ COMMAND_MODULES = (
     "clinfer.export.cli",
     "clinfer.bench.cli",
     "clinfer.validation.cli",
+    "clinfer.gateway.cli",
 )
 
 

@@ -95,6 +95,20 @@ def prepare_backend_dir(target: Path) -> Path:
     return target
 
 
+def _stop_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this child when its parent dies.
+
+    The server runs in its own session, so that a terminal's Ctrl-C reaches clinfer
+    first and clinfer stops the server cleanly; without this, a killed clinfer
+    would leave the server running.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def default_backend_dir() -> Path:
     """Return the per-user cache folder of the laid-out Python backend.
 
@@ -204,6 +218,7 @@ class EmbeddedTritonServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_stop_with_parent,
         )
         try:
             self._wait_ready(timeout_s)

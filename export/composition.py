@@ -26,6 +26,7 @@ from clinfer.export.served_repository import ServingOptions, publish_model
 from tritonclient.utils import InferenceServerException
 
 from clinfer.errors import InferenceError
+from clinfer.train.emr import EMR_FEATURES
 from clinfer.train.training import (
     EMR_MODEL,
     FUSION_MODEL,
@@ -89,6 +90,8 @@ def composition_spec(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "positive_label": fusion["positive_label"],
         "threshold": fusion["threshold"],
         "inputs": list(fusion["inputs"]),
+        # Order of the values of the ``emr`` input, for clients that build it.
+        "emr": {"features": list(EMR_FEATURES)},
         "outputs": [
             {
                 "name": "fusion_probabilities",

@@ -121,3 +121,47 @@ def test_server_start_failure_quotes_log(tmp_path: Path) -> None:
         server.start(timeout_s=60)
     assert server.process is None
     assert os.path.exists(tmp_path / "log.txt")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_server_stops_when_parent_killed(model_repository: Path, tmp_path: Path) -> None:
+    import time
+
+    process = subprocess.Popen(
+        [CLINFER, "serve", "--repository", str(model_repository), "--http-port", "0",
+         "--grpc-port", "0", "--metrics-port", "0", "--log-file", str(tmp_path / "log")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith("ready ")
+    servers = _children(process.pid)
+    assert servers
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in servers):
+        assert time.monotonic() < deadline, "tritonserver outlived its killed parent"
+        time.sleep(0.2)

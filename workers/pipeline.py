@@ -40,7 +40,12 @@ from clinfer.workers.stages import (
     scan_headers,
 )
 
-from clinfer.errors import ClinferError, ConfigurationError
+from clinfer.errors import (
+    ClinferError,
+    ConfigurationError,
+    ServerError,
+    ServerNotReadyError,
+)
 from clinfer.metrics import (
     JobMetrics,
     JobRecorder,
@@ -229,13 +234,14 @@ def run_job(
         )
 
         _init_ray(options.ray_address)
+        alternates: dict[str, list[dict[str, Any]]] = {}
         instances = _scan(
-            to_scan, options, spec, store, job_id, stats, report, recorder
+            to_scan, options, spec, store, job_id, stats, report, recorder, alternates
         )
         summary.instances_to_score = len(instances)
         report("score", 0, len(instances))
-        if instances:
-            _score(
+        while instances:
+            failed = _score(
                 instances,
                 options,
                 spec,
@@ -246,6 +252,18 @@ def run_job(
                 report,
                 recorder,
             )
+            # An instance whose chosen copy failed to decode is tried from its next
+            # copy, until one scores or none is left.
+            instances = [
+                alternates[uid].pop(0) for uid in sorted(failed) if alternates.get(uid)
+            ]
+            if instances:
+                _join_emr(instances, spec, options.emr_csv, job_id)
+                logger.info(
+                    "job %s: trying other copies of %d instances that failed",
+                    job_id,
+                    len(instances),
+                )
         if options.dicom_out is not None:
             from clinfer.workers.dicom_outputs import write_study_outputs
 
@@ -318,23 +336,44 @@ def _negative_label(spec: ModelSpec) -> str:
 
 
 def _fetch_spec(options: JobOptions) -> ModelSpec:
-    specs = []
+    """Read the model spec from every server; drop servers that cannot be reached.
+
+    Raises
+    ------
+    ServerError
+        If no server can be reached.
+    ModelSpecError
+        If a reachable server lacks the model.
+    ConfigurationError
+        If the servers serve different versions of the model.
+    """
+    specs: list[tuple[str, ModelSpec]] = []
     for url in options.triton_urls:
         client = TritonModelClient(url, options.model, options.version)
         try:
-            client.wait_ready(timeout_s=60.0)
-            specs.append(client.fetch_spec())
+            client.wait_ready(timeout_s=30.0)
+            specs.append((url, client.fetch_spec()))
+        except ServerNotReadyError as exc:
+            if len(options.triton_urls) == 1:
+                raise
+            logger.warning("leaving out Triton at %s: %s", url, exc)
         finally:
             client.close()
-    first = specs[0]
-    for url, other in zip(options.triton_urls[1:], specs[1:]):
+    if not specs:
+        raise ServerError(
+            "none of the Triton servers given with --triton-url can be reached; "
+            "start one with `clinfer serve` or check the addresses."
+        )
+    first_url, first = specs[0]
+    for url, other in specs[1:]:
         if (other.version, other.sha256) != (first.version, first.sha256):
             raise ConfigurationError(
                 f"Triton at {url} serves {other.name}:{other.version} (sha256 "
-                f"{other.sha256[:12]}) but {options.triton_urls[0]} serves version "
+                f"{other.sha256[:12]}) but {first_url} serves version "
                 f"{first.version} (sha256 {first.sha256[:12]}); point every --triton-url "
                 "at the same model repository or pass --model NAME:VERSION."
             )
+    options.triton_urls = [url for url, _ in specs]
     return first
 
 
@@ -370,8 +409,13 @@ def _scan(
     stats: dict[str, tuple[int, int]],
     report: ProgressCallback,
     recorder: JobRecorder,
+    alternates: dict[str, list[dict[str, Any]]],
 ) -> list[dict[str, Any]]:
-    """Read headers, record rejected files and return the instances to score."""
+    """Read headers, record rejected files and return the instances to score.
+
+    Other copies of an instance found in the same run are added to ``alternates``,
+    so that one is scored if the chosen copy cannot be decoded.
+    """
     import ray
 
     report("scan", 0, len(to_scan))
@@ -387,7 +431,8 @@ def _scan(
     headers = sorted(dataset.take_all(), key=lambda row: str(row["path"]))
     report("scan", len(to_scan), len(to_scan))
 
-    already_scored = store.scored_uids()
+    scored_paths = store.scored_paths()
+    previous_uids = store.file_uids()
     seen: dict[str, str] = {}
     failures: list[Failure] = []
     file_rows: list[tuple[str, int, int, str, str | None]] = []
@@ -397,6 +442,12 @@ def _scan(
         uid = str(row["sop_instance_uid"]) or None
         reason = str(row["reason"])
         message = str(row["message"])
+        previous_uid = previous_uids.get(path)
+        if previous_uid and previous_uid != uid and scored_paths.get(previous_uid) == path:
+            # The file now holds another instance: its old result no longer has a
+            # source file.
+            store.delete_instance(previous_uid)
+            del scored_paths[previous_uid]
         if (
             reason == reasons.NOT_DICOM
             and Path(path).suffix.lower() not in DICOM_SUFFIXES
@@ -405,41 +456,43 @@ def _scan(
             # A non-DICOM file with another suffix (README.txt, a .json sidecar) is
             # skipped; one that claims to be DICOM by its name has failed.
             reason = reasons.NON_DICOM_FILE
-        if not reason and uid in already_scored:
-            # The instance was scored from this file or another copy of it before.
-            file_rows.append((path, *stats[path], "scored", uid))
-            continue
-        if not reason and uid in seen:
+        if not reason and uid in scored_paths:
+            scored_path = scored_paths[uid]
+            if scored_path == path:
+                file_rows.append((path, *stats[path], "scored", uid))
+                continue
+            if not Path(scored_path).exists():
+                # The scored file was moved or renamed: its result follows it.
+                store.move_instance(uid, path)
+                scored_paths[uid] = path
+                file_rows.append((path, *stats[path], "scored", uid))
+                continue
             reason = reasons.DUPLICATE_INSTANCE
             message = (
-                f"{path}: SOPInstanceUID is the same as in {seen[uid]}, which is "
-                "scored instead; results are keyed on SOPInstanceUID."
+                f"{path}: SOPInstanceUID is the same as in {scored_path}, which was "
+                "scored before; results are keyed on SOPInstanceUID, so one copy of "
+                "an instance is scored."
             )
+        elif not reason and uid in seen:
+            reason = reasons.DUPLICATE_INSTANCE
+            message = (
+                f"{path}: SOPInstanceUID is the same as in {seen[uid]}; results are "
+                "keyed on SOPInstanceUID, so one copy of an instance is scored, and "
+                "this copy is scored only if that one cannot be decoded."
+            )
+            alternates.setdefault(uid, []).append(_instance_row(path, uid, row))
         if reason:
             outcome = reasons.outcome_of(reason)
             failures.append(Failure(path, outcome, reason, message, uid))
-            file_rows.append(
-                (
-                    path,
-                    *stats[path],
-                    "skipped" if outcome == reasons.SKIPPED else "failed",
-                    uid,
-                )
-            )
+            if reason == reasons.DUPLICATE_INSTANCE:
+                # Read again on every run: the copy that was scored may fail or go.
+                status = "duplicate"
+            else:
+                status = "skipped" if outcome == reasons.SKIPPED else "failed"
+            file_rows.append((path, *stats[path], status, uid))
             continue
         seen[uid] = path
-        instances.append(
-            {
-                "path": path,
-                "sop_instance_uid": uid,
-                "study_instance_uid": str(row["study_instance_uid"]),
-                "series_instance_uid": str(row["series_instance_uid"]),
-                "modality": str(row["modality"]),
-                "number_of_frames": int(row["number_of_frames"]),
-                "patient_id": str(row["patient_id"]),
-                "accession_number": str(row["accession_number"]),
-            }
-        )
+        instances.append(_instance_row(path, uid, row))
     _join_emr(instances, spec, options.emr_csv, job_id)
     store.record_failures(failures, job_id)
     store.record_files(file_rows)
@@ -455,6 +508,19 @@ def _scan(
         len(failures),
     )
     return instances
+
+
+def _instance_row(path: str, uid: str, row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "path": path,
+        "sop_instance_uid": uid,
+        "study_instance_uid": str(row["study_instance_uid"]),
+        "series_instance_uid": str(row["series_instance_uid"]),
+        "modality": str(row["modality"]),
+        "number_of_frames": int(row["number_of_frames"]),
+        "patient_id": str(row["patient_id"]),
+        "accession_number": str(row["accession_number"]),
+    }
 
 
 def _join_emr(
@@ -522,7 +588,8 @@ def _score(
     summary: JobSummary,
     report: ProgressCallback,
     recorder: JobRecorder,
-) -> None:
+) -> set[str]:
+    """Score ``instances`` and return the SOPInstanceUIDs that failed."""
     import ray
 
     by_uid = {i["sop_instance_uid"]: i for i in instances}
@@ -572,6 +639,7 @@ def _score(
     pending: dict[str, list[FrameResult]] = defaultdict(list)
     ready: list[InstanceResult] = []
     failures: list[Failure] = []
+    failed_uids: set[str] = set()
     done = 0
     recorder.handed_over(len(instances))
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -579,6 +647,7 @@ def _score(
         for i in range(len(batch["path"])):
             uid = str(batch["sop_instance_uid"][i])
             if not bool(batch["ok"][i]):
+                failed_uids.add(uid)
                 reason = str(batch["reason"][i])
                 failures.append(
                     Failure(
@@ -621,6 +690,7 @@ def _score(
             f"{len(pending)} instances lost frames between decoding and inference; "
             "rerun the job to score them."
         )
+    return failed_uids
 
 
 def _flush(

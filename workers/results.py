@@ -182,7 +182,13 @@ class ResultStore:
     # Jobs
 
     def start_job(self, job_id: str) -> None:
+        """Record a new running job; jobs left running by a killed process end."""
         with self._db:
+            self._db.execute(
+                "UPDATE jobs SET status = 'interrupted' WHERE status = 'running' AND "
+                "model_name = ? AND model_version = ?",
+                self._model,
+            )
             self._db.execute(
                 "INSERT INTO jobs (job_id, started_at, model_name, model_version, "
                 "model_sha256, status) VALUES (?, ?, ?, ?, ?, 'running')",
@@ -207,6 +213,42 @@ class ResultStore:
             self._model,
         )
         return {path: (size, mtime, status) for path, size, mtime, status in rows}
+
+    def scored_paths(self) -> dict[str, str]:
+        """Return SOPInstanceUID -> path of the instances scored with this version."""
+        rows = self._db.execute(
+            "SELECT sop_instance_uid, path FROM instances WHERE model_name = ? AND "
+            "model_version = ?",
+            self._model,
+        )
+        return dict(rows.fetchall())
+
+    def file_uids(self) -> dict[str, str]:
+        """Return path -> SOPInstanceUID recorded for each file seen before."""
+        rows = self._db.execute(
+            "SELECT path, sop_instance_uid FROM files WHERE model_name = ? AND "
+            "model_version = ? AND sop_instance_uid IS NOT NULL",
+            self._model,
+        )
+        return dict(rows.fetchall())
+
+    def move_instance(self, sop_instance_uid: str, path: str) -> None:
+        """Point a scored instance at the new path of its file."""
+        with self._db:
+            self._db.execute(
+                "UPDATE instances SET path = ? WHERE sop_instance_uid = ? AND "
+                "model_name = ? AND model_version = ?",
+                (path, sop_instance_uid, *self._model),
+            )
+
+    def delete_instance(self, sop_instance_uid: str) -> None:
+        """Delete a scored instance whose file no longer holds it."""
+        with self._db:
+            self._db.execute(
+                "DELETE FROM instances WHERE sop_instance_uid = ? AND model_name = ? "
+                "AND model_version = ?",
+                (sop_instance_uid, *self._model),
+            )
 
     def scored_uids(self) -> set[str]:
         rows = self._db.execute(

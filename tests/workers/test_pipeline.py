@@ -164,7 +164,9 @@ def test_rerun_scores_nothing_new(
     second = _run(corpus_dirs(), out, [triton_server.grpc_url])
     assert second.instances_scored == 0
     assert second.total_instances == first.total_instances
-    assert second.files_unchanged == first.files_found - sum(first.failed.values())
+    # Failed files and copies of an instance (duplicates) are read again.
+    read_again = sum(first.failed.values()) + first.skipped[reasons.DUPLICATE_INSTANCE]
+    assert second.files_unchanged == first.files_found - read_again
 
 
 def _bad_input_folder(root: Path) -> dict[str, Path]:
@@ -281,3 +283,87 @@ def test_killed_job_resumes_exactly_once(
     assert len(uids) == len(set(uids))
     assert set(uids) == set(expected)
     assert partial + rerun["instances_scored"] == len(expected)
+
+
+def test_corpus_duplicate_scored_when_first_fails(
+    corpus_job: tuple[Path, JobSummary],
+) -> None:
+    # JPEG-lossy.dcm and JPGExtended.dcm share a SOPInstanceUID; the first one in
+    # path order does not decode, so the other copy is scored.
+    out, _ = corpus_job
+    lossy = str(find_test_file("JPEG-lossy.dcm"))
+    extended = str(find_test_file("JPGExtended.dcm"))
+    # After the first run JPEG-lossy.dcm has failed; a rerun finds it a duplicate of
+    # the scored copy.
+    rejected = _rows(out, f"SELECT reason FROM failures WHERE path = '{lossy}'")
+    scored = _rows(out, f"SELECT COUNT(*) FROM instances WHERE path = '{extended}'")
+    assert rejected in ([(reasons.DECODE_FAILED,)], [(reasons.DUPLICATE_INSTANCE,)])
+    assert scored == [(1,)]
+
+
+def test_moved_file_keeps_its_result(
+    triton_server: EmbeddedTritonServer, local_ray: None, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(find_test_file("CT_small.dcm"), folder / "a.dcm")
+    out = tmp_path / "out"
+    _run([folder], out, [triton_server.grpc_url])
+    (folder / "a.dcm").rename(folder / "b.dcm")
+    summary = _run([folder], out, [triton_server.grpc_url])
+    assert summary.instances_scored == 0
+    assert _rows(out, "SELECT path FROM instances") == [(str(folder / "b.dcm"),)]
+
+
+def test_copied_file_is_duplicate(
+    triton_server: EmbeddedTritonServer, local_ray: None, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(find_test_file("CT_small.dcm"), folder / "a.dcm")
+    out = tmp_path / "out"
+    _run([folder], out, [triton_server.grpc_url])
+    shutil.copy(folder / "a.dcm", folder / "copy.dcm")
+    _run([folder], out, [triton_server.grpc_url])
+    rows = _rows(out, "SELECT path, reason FROM failures")
+    assert rows == [(str(folder / "copy.dcm"), reasons.DUPLICATE_INSTANCE)]
+
+
+def test_rewritten_file_drops_old_result(
+    triton_server: EmbeddedTritonServer, local_ray: None, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "a.dcm"
+    shutil.copy(find_test_file("CT_small.dcm"), path)
+    out = tmp_path / "out"
+    _run([folder], out, [triton_server.grpc_url])
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(path)
+    _run([folder], out, [triton_server.grpc_url])
+    rows = _rows(out, "SELECT sop_instance_uid FROM instances")
+    assert rows == [(ds.SOPInstanceUID,)]
+
+
+def test_unreachable_server_left_out(
+    triton_server: EmbeddedTritonServer, local_ray: None, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(find_test_file("CT_small.dcm"), folder / "a.dcm")
+    summary = _run([folder], tmp_path / "out", ["127.0.0.1:1", triton_server.grpc_url])
+    assert summary.instances_scored == 1
+
+
+def test_unknown_model_names_served_ones(
+    triton_server: EmbeddedTritonServer, tmp_path: Path
+) -> None:
+    from clinfer.errors import ModelSpecError
+
+    options = JobOptions(
+        paths=[str(tmp_path)], out_dir=tmp_path / "out",
+        triton_urls=[triton_server.grpc_url], model="nosuch",
+    )
+    with pytest.raises(ModelSpecError, match="cxr_resnet"):
+        run_job(options)

@@ -1,0 +1,1 @@
+"""HTTP gateway and clinician web page in front of the real-time query client."""
