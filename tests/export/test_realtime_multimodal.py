@@ -29,7 +29,9 @@ def study(mm_cohort: CohortManifest) -> tuple[Path, dict[str, float]]:
     records = read_emr_csv(mm_cohort.root / EMR_CSV_NAME)
     patient = next(p for p in mm_cohort.split("test") if p.finding_present)
     record = records[(patient.patient_id, patient.accession_number)]
-    return mm_cohort.path_of(patient.dicom_path), dict(zip(EMR_FEATURES, emr_features(record)))
+    return mm_cohort.path_of(patient.dicom_path), dict(
+        zip(EMR_FEATURES, emr_features(record))
+    )
 
 
 def test_client_returns_fusion_score(
@@ -41,7 +43,10 @@ def test_client_returns_fusion_score(
     frame = load_and_preprocess(path, PreprocessConfig()).frames
     grpc = triton_grpc.InferenceServerClient(mm_server.grpc_url)
     inputs = []
-    for name, array in (("image", frame), ("emr", np.asarray([list(emr.values())], np.float32))):
+    for name, array in (
+        ("image", frame),
+        ("emr", np.asarray([list(emr.values())], np.float32)),
+    ):
         tensor = triton_grpc.InferInput(name, list(array.shape), "FP32")
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -82,7 +87,9 @@ def test_client_priority_reaches_composing_models(
 
 
 def test_gateway_serves_heatmap(
-    study: tuple[Path, dict[str, float]], mm_server: EmbeddedTritonServer, tmp_path: Path
+    study: tuple[Path, dict[str, float]],
+    mm_server: EmbeddedTritonServer,
+    tmp_path: Path,
 ) -> None:
     path, emr = study
     tokens = {hash_token(TOKEN): {"user": "carol", "scopes": ["query"]}}
