@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from clinfer.client.triton import TritonModelClient
-from clinfer.errors import ConfigurationError
 from clinfer.export.repository import BATCH_PRIORITY
+from clinfer.workers.pipeline import RESULTS_FILE, JobOptions, JobSummary, run_job
+from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
+
+from clinfer.errors import ConfigurationError
 from clinfer.server import EmbeddedTritonServer
 from clinfer.train.cohort import EMR_CSV_NAME, CohortManifest
 from clinfer.train.emr import emr_features, read_emr_csv, write_emr_csv
-from clinfer.workers.pipeline import RESULTS_FILE, JobOptions, JobSummary, run_job
-from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
 
 PATIENTS = 12
 WITHOUT_EMR = 3

@@ -8,17 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from fastapi.testclient import TestClient
-
 from clinfer.client import Client
 from clinfer.export.composition import priority_counts
 from clinfer.export.repository import REALTIME_PRIORITY
+from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
+from fastapi.testclient import TestClient
+
 from clinfer.gateway.app import GatewaySettings, create_app
 from clinfer.gateway.auth import hash_token
 from clinfer.server import EmbeddedTritonServer
 from clinfer.train.cohort import EMR_CSV_NAME, CohortManifest
 from clinfer.train.emr import EMR_FEATURES, emr_features, read_emr_csv
-from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
 
 TOKEN = "query-token-carol"
 
