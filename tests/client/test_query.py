@@ -205,10 +205,10 @@ def test_two_studies_rejected(
 
 
 def test_realtime_overtakes_batch_queue(triton_server: EmbeddedTritonServer) -> None:
-    # Twelve 16-frame batch requests fill about six executions of the single model
-    # instance. The real-time request is sent once the first one has completed, so
+    # Twenty-four 16-frame batch requests fill about twelve executions of the single
+    # model instance. The real-time request is sent once the first one has completed, so
     # the rest are queued; at priority 1 it joins the next execution.
-    total = 12
+    total = 24
     order: list[str] = []
     lock = threading.Lock()
     first_done = threading.Event()
