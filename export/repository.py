@@ -86,7 +86,8 @@ def existing_versions(model_dir: Path) -> list[int]:
     )
 
 
-def _pbtxt_string(value: str) -> str:
+def pbtxt_string(value: str) -> str:
+    """Quote ``value`` as a protobuf text-format string literal."""
     # Protobuf text format accepts C-style escapes; json.dumps emits a compatible
     # double-quoted literal for ASCII text.
     return json.dumps(value, ensure_ascii=True)
@@ -135,7 +136,7 @@ def render_config(
         "}",
         "parameters {",
         f'  key: "{SPEC_PARAMETER}"',
-        f"  value: {{ string_value: {_pbtxt_string(json.dumps(spec, sort_keys=True))} }}",
+        f"  value: {{ string_value: {pbtxt_string(json.dumps(spec, sort_keys=True))} }}",
         "}",
     ]
     if options.realtime_model:
@@ -194,7 +195,8 @@ def _queue_policy_lines(options: TritonConfigOptions) -> list[str]:
     ]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as handle:
@@ -267,14 +269,14 @@ def _read_spec(model_dir: Path) -> dict[str, Any] | None:
 def _write_model_configs(
     model_dir: Path, spec: dict[str, Any], options: TritonConfigOptions
 ) -> None:
-    _write_text_atomic(
+    write_text_atomic(
         model_dir / "clinfer.json", json.dumps(spec, indent=2, sort_keys=True)
     )
-    _write_text_atomic(
+    write_text_atomic(
         model_dir / "config.pbtxt",
         render_config(spec, backend="python", options=options),
     )
-    _write_text_atomic(
+    write_text_atomic(
         model_dir / "configs" / "onnxruntime.pbtxt",
         render_config(spec, backend="onnxruntime", options=options),
     )
@@ -330,14 +332,14 @@ def write_realtime_model(
         ) from exc
     realtime_spec = {**spec, "name": name}
     rt_options = realtime_options(options)
-    _write_text_atomic(
+    write_text_atomic(
         target_dir / "clinfer.json", json.dumps(realtime_spec, indent=2, sort_keys=True)
     )
-    _write_text_atomic(
+    write_text_atomic(
         target_dir / "config.pbtxt",
         render_config(realtime_spec, backend="python", options=rt_options),
     )
-    _write_text_atomic(
+    write_text_atomic(
         target_dir / "configs" / "onnxruntime.pbtxt",
         render_config(realtime_spec, backend="onnxruntime", options=rt_options),
     )

@@ -33,6 +33,8 @@ from clinfer.export.repository import (
     BATCH_PRIORITY,
     SPEC_PARAMETER,
     existing_versions,
+    pbtxt_string,
+    write_text_atomic,
 )
 
 from clinfer.errors import ExportError
@@ -55,12 +57,6 @@ class ServingOptions:
     instance_count: int = 1
     intra_op_threads: int = 0
     warmup: bool = True
-
-
-def _pbtxt_string(value: str) -> str:
-    # Protobuf text format accepts C-style escapes; json.dumps emits a compatible
-    # double-quoted literal for ASCII text.
-    return json.dumps(value, ensure_ascii=True)
 
 
 def _tensor_lines(tensors: list[dict[str, Any]], *, outputs: bool) -> list[str]:
@@ -153,18 +149,10 @@ def render_config(
         lines += [
             "parameters {",
             f'  key: "{key}"',
-            f"  value: {{ string_value: {_pbtxt_string(value)} }}",
+            f"  value: {{ string_value: {pbtxt_string(value)} }}",
             "}",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def content_sha256(files: Mapping[str, bytes]) -> str:
@@ -234,14 +222,14 @@ def publish_model(
             ) from exc
         known = {**known, str(version): {**version_info, "sha256": sha256}}
     full_spec = {**spec, "versions": known}
-    _write_text_atomic(
+    write_text_atomic(
         model_dir / SPEC_FILE, json.dumps(full_spec, indent=2, sort_keys=True)
     )
-    _write_text_atomic(model_dir / LABELS_FILE, "\n".join(spec["labels"]) + "\n")
+    write_text_atomic(model_dir / LABELS_FILE, "\n".join(spec["labels"]) + "\n")
     for index, backend in enumerate(backends):
         target = "config.pbtxt" if index == 0 else f"configs/{backend}.pbtxt"
         text = render_config(full_spec, backend=backend, options=options, warmup=warmup)
-        _write_text_atomic(model_dir / target, text)
+        write_text_atomic(model_dir / target, text)
     if created:
         logger.info(
             "Published %s version %d (sha256 %s)", spec["name"], version, sha256[:12]
