@@ -26,7 +26,7 @@ SPEC_PARAMETER = "clinfer_spec"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a served clinfer model expects and returns, read from its Triton config."""
+    """Inputs, outputs and labels of a served clinfer model, from its Triton config."""
 
     name: str
     version: str
@@ -281,9 +281,9 @@ class TritonModelClient:
         """Run one batch of a model with an EMR input and return its outputs by name.
 
         The priority is sent as Triton's request priority and as the request
-        parameter ``clinfer_priority``, which the composition copies onto the
-        requests it sends to its composing models (Triton 2.51's Python backend
-        lets a BLS request set no priority of its own).
+        parameter ``clinfer_priority``. The composition copies that parameter onto
+        the requests it sends to its composing models, because Triton 2.51's Python
+        backend lets a BLS request set no priority of its own.
 
         Raises
         ------

@@ -59,8 +59,8 @@ class ParityError(ExportError):
 class DicomInputError(ClinferError):
     """A DICOM file could not be read, decoded or accepted.
 
-    ``reason`` is a short machine-readable code (see ``clinfer.workers.reasons``) and
-    the message says what was wrong with which file and what to do next.
+    ``reason`` is a short machine-readable code (see ``clinfer.workers.reasons``), and
+    the message names the file, what was wrong and what to do next.
     """
 
     def __init__(self, reason: str, message: str):

@@ -99,7 +99,7 @@ def _stop_with_parent() -> None:
     """Ask Linux to send SIGTERM to this child when its parent dies.
 
     The server runs in its own session, so that a terminal's Ctrl-C reaches clinfer
-    first and clinfer stops the server cleanly; without this, a killed clinfer
+    first and clinfer stops the server cleanly. Without this, a killed clinfer
     would leave the server running.
     """
     if sys.platform.startswith("linux"):

@@ -33,7 +33,7 @@ class ChestXrayResNet(nn.Module):
     """ResNet-18 layout (2-2-2-2 basic blocks) with reduced widths for one-channel images.
 
     The input is a batch of preprocessed images, float32 (N, 1, H, W) in [0, 1] with 1 as
-    bright; the model standardises it itself, so callers only implement the DICOM-side
+    bright. The model standardises it itself, so callers only implement the DICOM-side
     preprocessing. The output is class probabilities (N, num_classes), softmax.
     """
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-
 from clinfer.client.triton import ModelSpec, TritonModelClient
+from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
+from clinfer.workers.results import ResultStore
+
 from clinfer.dicom_out import (
     ModelResult,
     write_heatmap_capture,
@@ -22,8 +24,6 @@ from clinfer.dicom_out import (
 )
 from clinfer.errors import ClinferError
 from clinfer.privacy import short_hash
-from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
-from clinfer.workers.results import ResultStore
 
 logger = logging.getLogger(__name__)
 

@@ -444,8 +444,8 @@ def _scan(
         message = str(row["message"])
         previous_uid = previous_uids.get(path)
         if previous_uid and previous_uid != uid and scored_paths.get(previous_uid) == path:
-            # The file now holds another instance: its old result no longer has a
-            # source file.
+            # The file now contains another instance, so its old result no longer has
+            # a source file.
             store.delete_instance(previous_uid)
             del scored_paths[previous_uid]
         if (

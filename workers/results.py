@@ -242,7 +242,7 @@ class ResultStore:
             )
 
     def delete_instance(self, sop_instance_uid: str) -> None:
-        """Delete a scored instance whose file no longer holds it."""
+        """Delete a scored instance whose file no longer contains it."""
         with self._db:
             self._db.execute(
                 "DELETE FROM instances WHERE sop_instance_uid = ? AND model_name = ? "

@@ -176,6 +176,7 @@ class InferStage:
         server = np.array([""] * n, dtype=object)
         # The request's round trip, on its first row only, for the job's metrics.
         request_ms = np.full(n, np.nan, dtype=np.float64)
+
         if ok.any():
             images = batch["tensor"][ok]
             emr = batch["emr"][ok] if self.spec.emr_input else None
@@ -195,6 +196,7 @@ class InferStage:
             infer_ms[ok] = elapsed_ms / images.shape[0]
             server[ok] = url
             request_ms[int(np.argmax(ok))] = elapsed_ms
+
         out = {key: value for key, value in batch.items() if key not in ("tensor", "emr")}
         out.update(
             scores=scores,
