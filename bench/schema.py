@@ -52,7 +52,11 @@ class Series:
 
 @dataclass(frozen=True)
 class Plot:
-    """One PNG plot of the report: a title, axis labels and its lines."""
+    """One PNG plot of the report: a title, axis labels and its lines.
+
+    With ``categories`` the plot is a grouped bar chart: each series' ``x`` values
+    index into ``categories`` (transfer syntaxes, designs, ...).
+    """
 
     name: str
     title: str
@@ -60,6 +64,7 @@ class Plot:
     y_label: str
     series: list[Series]
     log_x: bool = False
+    categories: list[str] | None = None
 
 
 @dataclass
