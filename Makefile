@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 
 # Debian packages the tests use: dciodvfy (dicom3tools) validates written DICOM
 # objects, prometheus is the real server of the monitoring tests, and chromium is
-# the browser of the gateway page test. Installed as root, once, when one is missing.
-SYSTEM_PACKAGES ?= dicom3tools prometheus chromium
+# the browser of the gateway page test, and libb64-0d is a library of Triton's
+# perf_analyzer (the serving benchmark). Installed as root, once, when one is missing.
+SYSTEM_PACKAGES ?= dicom3tools prometheus chromium libb64-0d
 
 .PHONY: venv system run test lint clean
 
