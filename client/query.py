@@ -37,6 +37,7 @@ from clinfer.workers.preprocess import (
     PreprocessedInstance,
     load_and_preprocess,
 )
+from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
 from clinfer.errors import (
@@ -46,6 +47,7 @@ from clinfer.errors import (
     QueryError,
     ServerUnavailableError,
 )
+from clinfer.metrics import ClientQueryMetrics, client_query_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -499,6 +501,16 @@ def _hash_uid(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:12]
 
 
+def _observe(
+    metrics: ClientQueryMetrics | None,
+    priority: int,
+    started: float,
+    error: BaseException | None,
+) -> None:
+    if metrics is not None:
+        metrics.observe(priority, time.perf_counter() - started, error)
+
+
 def _is_unreachable(exc: InferenceServerException) -> bool:
     return str(exc.status()) in UNREACHABLE_STATUSES
 
@@ -550,6 +562,9 @@ class Client:
         Triton priority level; 1 is real time, 2 is batch.
     timeout_s : float
         Per-request gRPC deadline in seconds.
+    registry : CollectorRegistry, optional
+        Prometheus registry in which each query's latency is recorded by priority
+        class and outcome (``clinfer_client_query_seconds``). None records nothing.
     """
 
     def __init__(
@@ -560,12 +575,14 @@ class Client:
         *,
         priority: int = REALTIME_PRIORITY,
         timeout_s: float = 30.0,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.urls = _normalise_urls(urls)
         self.model = model
         self.version = version
         self.priority = priority
         self.timeout_s = timeout_s
+        self.metrics = client_query_metrics(registry) if registry is not None else None
         self._clients: dict[str, triton_grpc.InferenceServerClient] = {}
         self._models: dict[str, ServedModel] = {}
 
@@ -662,6 +679,20 @@ class Client:
             study.
         """
         started = time.perf_counter()
+        try:
+            result = self._query(paths, emr, started)
+        except Exception as exc:
+            _observe(self.metrics, self.priority, started, exc)
+            raise
+        _observe(self.metrics, self.priority, started, None)
+        return result
+
+    def _query(
+        self,
+        paths: StrPath | Sequence[StrPath],
+        emr: EmrSource | None,
+        started: float,
+    ) -> QueryResult:
         path_list = [paths] if isinstance(paths, str | PathLike) else list(paths)
         errors: list[tuple[str, ClinferError]] = []
         study: PreparedStudy | None = None
@@ -749,12 +780,14 @@ class AsyncClient:
         *,
         priority: int = REALTIME_PRIORITY,
         timeout_s: float = 30.0,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.urls = _normalise_urls(urls)
         self.model = model
         self.version = version
         self.priority = priority
         self.timeout_s = timeout_s
+        self.metrics = client_query_metrics(registry) if registry is not None else None
         self._clients: dict[str, triton_aio.InferenceServerClient] = {}
         self._models: dict[str, ServedModel] = {}
 
@@ -832,6 +865,20 @@ class AsyncClient:
             As :meth:`Client.query`.
         """
         started = time.perf_counter()
+        try:
+            result = await self._query(paths, emr, started)
+        except Exception as exc:
+            _observe(self.metrics, self.priority, started, exc)
+            raise
+        _observe(self.metrics, self.priority, started, None)
+        return result
+
+    async def _query(
+        self,
+        paths: StrPath | Sequence[StrPath],
+        emr: EmrSource | None,
+        started: float,
+    ) -> QueryResult:
         path_list = [paths] if isinstance(paths, str | PathLike) else list(paths)
         errors: list[tuple[str, ClinferError]] = []
         study: PreparedStudy | None = None

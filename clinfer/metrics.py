@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +34,13 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from clinfer.errors import ConfigurationError
+from clinfer.errors import (
+    ConfigurationError,
+    DicomInputError,
+    ModelSpecError,
+    QueryError,
+    ServerUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +341,100 @@ def gateway_latency(
         routes=routes,
         registry=registry,
     )
+
+
+class GatewayMetrics:
+    """Request metrics of the gateway: latency by route and priority, status codes.
+
+    Parameters
+    ----------
+    registry : CollectorRegistry
+        Registry to register the metrics in.
+    routes : Iterable[str]
+        Route templates of the application. Any other path is recorded as ``other``.
+    """
+
+    def __init__(self, registry: CollectorRegistry, routes: Iterable[str]) -> None:
+        self.latency = gateway_latency(registry, routes)
+        self.responses = Counter(
+            "clinfer_gateway_responses_total",
+            "Responses of the gateway, by route template and HTTP status code.",
+            ["route", "code"],
+            registry=registry,
+        )
+
+    def route_label(self, route: str | None) -> str:
+        """Return ``route`` if it is a known template, else ``other``."""
+        return route if route in self.latency.routes else OTHER
+
+    def observe(
+        self, route: str | None, priority: int, seconds: float, status: int
+    ) -> None:
+        """Record one response; a status of 500 or above counts as an error."""
+        label = self.route_label(route)
+        self.latency.observe(label, priority, seconds, ok=status < 500)
+        code = str(status) if 100 <= status <= 599 else OTHER
+        self.responses.labels(label, code).inc()
+
+
+# Outcome label values of client queries, by the exception that ended the query.
+QUERY_OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
+    (DicomInputError, "invalid_input"),
+    (ServerUnavailableError, "server_unavailable"),
+    (QueryError, "rejected"),
+    (ModelSpecError, "model_error"),
+)
+
+
+class ClientQueryMetrics:
+    """Latency of real-time client queries (``clinfer_client_query_seconds``).
+
+    Use :func:`client_query_metrics` to get the instance of a registry, since a
+    metric name can be registered only once per registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.histogram = Histogram(
+            "clinfer_client_query_seconds",
+            "Time of one real-time query in clinfer.client, from reading the files "
+            "to the parsed response, failover to other servers included.",
+            ["priority", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(
+        self, priority: int, seconds: float, error: BaseException | None = None
+    ) -> None:
+        """Record one query; ``error`` is the exception that ended it, if any."""
+        outcome = "ok" if error is None else "error"
+        if error is not None:
+            for kind, name in QUERY_OUTCOMES:
+                if isinstance(error, kind):
+                    outcome = name
+                    break
+        self.histogram.labels(PRIORITY_CLASSES.get(priority, OTHER), outcome).observe(
+            seconds
+        )
+
+
+_client_metrics: weakref.WeakKeyDictionary[CollectorRegistry, ClientQueryMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+_client_metrics_lock = threading.Lock()
+
+
+def client_query_metrics(registry: CollectorRegistry) -> ClientQueryMetrics:
+    """Return the client query metrics of ``registry``, created on first use.
+
+    Several clients may share one registry, and each gets the same histogram.
+    """
+    with _client_metrics_lock:
+        metrics = _client_metrics.get(registry)
+        if metrics is None:
+            metrics = ClientQueryMetrics(registry)
+            _client_metrics[registry] = metrics
+        return metrics
 
 
 class NvmlGpuCollector(Collector):

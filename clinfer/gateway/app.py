@@ -8,8 +8,7 @@ import math
 import re
 import secrets
 import tempfile
-import threading
-from collections import OrderedDict
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,10 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Upload
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
+from starlette.routing import Match
+from starlette.types import Scope
 from tritonclient.utils import InferenceServerException
 
 from clinfer.client.query import Client, QueryResult
@@ -35,6 +37,8 @@ from clinfer.errors import (
 from clinfer.gateway import images
 from clinfer.gateway.audit import AuditEntry, AuditLog
 from clinfer.gateway.auth import QUERY_SCOPE, TokenEntry, hash_token, load_tokens
+from clinfer.gateway.store import RESULTS_FILE, ResultStore, StoredResult
+from clinfer.metrics import GatewayMetrics
 from clinfer.privacy import short_hash
 from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
 
@@ -45,6 +49,7 @@ DISCLAIMER = "Not for diagnostic use without review by a qualified clinician."
 NO_VALIDATION = "no validation report for this model"
 QUERY_ROUTE = "/v1/studies/query"
 REFERENCE_ROUTE = "/v1/studies/query-by-reference"
+METRICS_ROUTE = "/metrics"
 
 
 @dataclass
@@ -65,8 +70,11 @@ class GatewaySettings:
     """Folder with ``<model>/report.json`` files written by ``clinfer validate``."""
     max_request_bytes: int = 64 * 1024 * 1024
     max_files: int = 32
-    max_results: int = 256
-    """Results kept in memory for the heatmap and image routes, oldest dropped."""
+    max_results: int = 1000
+    """Results kept for the result, heatmap and image routes, oldest deleted."""
+    state_dir: Path | None = None
+    """Folder of the results database (``results.sqlite``); None keeps results in
+    memory only, so a restarted gateway no longer serves them."""
     timeout_s: float = 30.0
 
 
@@ -83,12 +91,6 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 _Prepared = tuple[TokenEntry, list[Path], dict[str, str], dict[str, Any] | None]
 
 
-@dataclass
-class _StoredResult:
-    frame_png: bytes | None
-    heatmap_png: bytes | None
-
-
 class _GatewayError(Exception):
     def __init__(self, status: int, detail: Any, outcome: str) -> None:
         super().__init__(str(detail))
@@ -98,20 +100,24 @@ class _GatewayError(Exception):
 
 
 class _Gateway:
-    """State shared by the routes: client, tokens, audit log and stored results."""
+    """State shared by the routes: client, tokens, audit log, results and metrics."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.tokens = load_tokens(settings.tokens_file)
         self.audit = AuditLog(settings.audit_log)
+        self.registry = CollectorRegistry()
         self.client = Client(
             list(settings.triton_urls),
             settings.model,
             settings.model_version,
             timeout_s=settings.timeout_s,
+            registry=self.registry,
         )
-        self.results: OrderedDict[str, _StoredResult] = OrderedDict()
-        self._lock = threading.Lock()
+        state = settings.state_dir
+        self.results = ResultStore(
+            state / RESULTS_FILE if state is not None else None, settings.max_results
+        )
 
     def authorize(self, credentials: HTTPAuthorizationCredentials | None) -> TokenEntry:
         if credentials is None or not credentials.credentials:
@@ -127,14 +133,6 @@ class _Gateway:
             )
         return entry
 
-    def store(self, stored: _StoredResult) -> str:
-        result_id = secrets.token_hex(12)
-        with self._lock:
-            self.results[result_id] = stored
-            while len(self.results) > self.settings.max_results:
-                self.results.popitem(last=False)
-        return result_id
-
     def validation_summary(self, model: str) -> dict[str, Any] | None:
         if self.settings.validation_dir is None:
             return None
@@ -144,8 +142,12 @@ class _Gateway:
         except (OSError, json.JSONDecodeError):
             return None
         test = data.get("test", {})
+        point = test.get("operating_point", {})
         return {
             "decision": data.get("decision", {}).get("overall"),
+            "threshold": data.get("threshold", {}).get("value"),
+            "test_sensitivity": point.get("sensitivity"),
+            "test_specificity": point.get("specificity"),
             "test_n": test.get("n"),
             "test_auroc": test.get("auroc", {}).get("auroc"),
             "test_auroc_ci": [
@@ -248,7 +250,9 @@ def _result_json(
     return data
 
 
-def _render(gateway: _Gateway, result: QueryResult) -> _StoredResult:
+def _render(
+    gateway: _Gateway, result: QueryResult
+) -> tuple[bytes | None, bytes | None]:
     first = result.instances[0]
     served = gateway.client.served_model(result.server_url)
     config = PreprocessConfig(height=served.spec.height, width=served.spec.width)
@@ -256,11 +260,23 @@ def _render(gateway: _Gateway, result: QueryResult) -> _StoredResult:
         frame = load_and_preprocess(first.path, config).frames[0]
     except (DicomInputError, OSError) as exc:
         logger.warning("cannot render the frame of result: %s", type(exc).__name__)
-        return _StoredResult(None, None)
+        return None, None
     heatmap = None
     if result.saliency is not None:
         heatmap = images.overlay_png(frame, result.saliency[0])
-    return _StoredResult(images.frame_png(frame), heatmap)
+    return images.frame_png(frame), heatmap
+
+
+def _route_template(app: FastAPI, scope: Scope) -> str | None:
+    """Return the path template of the route that matches ``scope``, if any."""
+    partial = None
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", None)
+        if match == Match.PARTIAL and partial is None:
+            partial = getattr(route, "path", None)
+    return partial
 
 
 def _run_query(
@@ -402,8 +418,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             uid = _study_uid(paths)
             context["study"] = short_hash(uid) if uid else None
             result, used = _run_query(gateway, paths, names, record)
-            result_id = gateway.store(_render(gateway, result))
+            result_id = secrets.token_hex(12)
+            frame_png, heatmap_png = _render(gateway, result)
             body = _result_json(gateway, result, used, result_id)
+            gateway.results.add(result_id, StoredResult(body, frame_png, heatmap_png))
         except _GatewayError as exc:
             gateway.audit.append(
                 AuditEntry(
@@ -526,7 +544,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     def stored(
         credentials: HTTPAuthorizationCredentials | None, result_id: str
-    ) -> _StoredResult:
+    ) -> StoredResult:
         try:
             gateway.authorize(credentials)
         except _GatewayError as exc:
@@ -534,9 +552,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         result = gateway.results.get(result_id)
         if result is None:
             raise HTTPException(
-                404, f"result {result_id} not found; it may have expired"
+                404,
+                f"result {result_id} not found; the gateway keeps the newest "
+                f"{settings.max_results} results",
             )
         return result
+
+    @app.get("/v1/results/{result_id}")
+    def result_body(credentials: Credentials, result_id: str) -> JSONResponse:
+        """Return the response body of an earlier query by its result id."""
+        return JSONResponse(stored(credentials, result_id).body)
 
     @app.get("/v1/results/{result_id}/heatmap.png")
     def heatmap(credentials: Credentials, result_id: str) -> Response:
@@ -567,9 +592,40 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             {"ready": ok, "servers": checks}, status_code=200 if ok else 503
         )
 
+    # NOTE: /metrics needs no token, so that Prometheus can scrape it. Its labels
+    # carry no ids, but bind the gateway to loopback or a private network.
+    @app.get(METRICS_ROUTE, include_in_schema=False)
+    def metrics_text() -> Response:
+        """Return the gateway's and its client's metrics in Prometheus text format."""
+        return Response(
+            generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # Labels are route templates, so ids in paths never reach Prometheus.
+    routes = [r.path for r in app.router.routes if hasattr(r, "path")]
+    metrics = GatewayMetrics(gateway.registry, routes)
+
+    # Added last, so it is the outermost middleware and times rejected bodies too.
+    @app.middleware("http")
+    async def record_metrics(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+        finally:
+            metrics.observe(
+                _route_template(app, request.scope),
+                gateway.client.priority,
+                time.perf_counter() - started,
+                status,
+            )
+        return response
+
     return app

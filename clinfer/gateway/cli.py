@@ -13,6 +13,7 @@ from clinfer.errors import ClinferError
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_PORT = 8080
 
 
 def gateway_command(
@@ -31,7 +32,7 @@ def gateway_command(
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = DEFAULT_PORT,
     audit_log: Annotated[
         Path, typer.Option(help="Append-only JSON-lines audit log file.")
     ] = Path("gateway-audit.jsonl"),
@@ -44,6 +45,19 @@ def gateway_command(
         Path | None,
         typer.Option(help="Folder of `clinfer validate` reports, one per model."),
     ] = None,
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of the results database (results.sqlite), which keeps "
+            "results across restarts."
+        ),
+    ] = Path("results/gateway"),
+    max_results: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Results kept in the database; the oldest are deleted."
+        ),
+    ] = 1000,
 ) -> None:
     """Serve the gateway API and the clinician web page until interrupted."""
     import uvicorn
@@ -57,6 +71,8 @@ def gateway_command(
         storage_root=storage,
         model=model,
         validation_dir=validation_dir,
+        state_dir=state_dir,
+        max_results=max_results,
     )
     try:
         app = create_app(settings)

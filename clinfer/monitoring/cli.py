@@ -1,4 +1,4 @@
-"""The ``clinfer up`` command: Triton, a metrics endpoint and Prometheus on loopback."""
+"""The ``clinfer up`` command: Triton, the gateway, metrics and Prometheus on loopback."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from clinfer.errors import ClinferError
+from clinfer.gateway.cli import DEFAULT_PORT as DEFAULT_GATEWAY_PORT
 from clinfer.metrics import DEFAULT_JOB_METRICS_PORT, DEFAULT_WORKER_METRICS_PORT
 from clinfer.monitoring.prometheus import DEFAULT_PROMETHEUS_PORT, ScrapeTarget
 from clinfer.server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
@@ -55,8 +56,34 @@ def up(
     scrape_interval: Annotated[
         float, typer.Option(help="Prometheus scrape interval in seconds.")
     ] = 5.0,
+    gateway_port: Annotated[
+        int,
+        typer.Option(
+            help="Gateway web page, API and /metrics port (0: any free port)."
+        ),
+    ] = DEFAULT_GATEWAY_PORT,
+    gateway_tokens: Annotated[
+        Path | None,
+        typer.Option(
+            help="Tokens file of the gateway (see `clinfer gateway --help`). Default: "
+            "a new token in WORKDIR/gateway/token."
+        ),
+    ] = None,
+    gateway_model: Annotated[
+        str, typer.Option(help="Model that the gateway queries.")
+    ] = "cxr_resnet",
+    validation_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of `clinfer validate` reports, one per model."),
+    ] = None,
+    no_gateway: Annotated[
+        bool, typer.Option("--no-gateway", help="Start no gateway.")
+    ] = False,
 ) -> None:
-    """Start Triton, a metrics endpoint and Prometheus; stop on SIGINT or SIGTERM."""
+    """Start Triton, the gateway, a metrics endpoint and Prometheus until a signal.
+
+    SIGINT or SIGTERM stops every part.
+    """
     from clinfer.monitoring.stack import MonitoringStack
 
     try:
@@ -74,6 +101,10 @@ def up(
         job_metrics_port=job_metrics_port,
         extra_targets=extra,
         scrape_interval_s=scrape_interval,
+        gateway_port=None if no_gateway else gateway_port,
+        gateway_tokens=gateway_tokens,
+        gateway_model=gateway_model,
+        validation_dir=validation_dir,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -84,11 +115,12 @@ def up(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     assert stack.triton and stack.metrics and stack.prometheus
+    gateway = f" gateway={stack.gateway.url}" if stack.gateway is not None else ""
     # One machine-readable line, as `clinfer serve` prints.
     print(
         f"ready prometheus={stack.prometheus.url} grpc={stack.triton.grpc_url} "
         f"http={stack.triton.http_url} triton_metrics={stack.triton.metrics_url} "
-        f"worker_metrics={stack.metrics.url}",
+        f"worker_metrics={stack.metrics.url}{gateway}",
         flush=True,
     )
     console.print(
@@ -103,7 +135,7 @@ def up(
         raise typer.Exit(1) from exc
     finally:
         stack.stop()
-    console.print("stopped prometheus, metrics endpoint and tritonserver")
+    console.print("stopped prometheus, metrics endpoint, gateway and tritonserver")
 
 
 def register(app: typer.Typer) -> None:

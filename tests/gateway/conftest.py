@@ -1,8 +1,9 @@
-"""Gateway fixtures: a tokens file, settings on the real Triton server, a client."""
+"""Gateway fixtures: tokens, settings on the real Triton server, clients, chromium."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from playwright import sync_api as playwright_api
 from pydicom.data import get_testdata_file
 
 from clinfer.gateway.app import GatewaySettings, create_app
@@ -20,6 +22,35 @@ from clinfer.server import EmbeddedTritonServer
 
 QUERY_TOKEN = "query-token-alice"
 READ_TOKEN = "read-only-token-bob"
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[object]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} not found; install Debian's chromium package")
+    with playwright_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+        )
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
 
 
 @pytest.fixture

@@ -14,11 +14,13 @@ import ray
 import yaml
 from prometheus_client import CollectorRegistry
 
+from clinfer.gateway.cli import DEFAULT_PORT as GATEWAY_PORT
 from clinfer.metrics import (
     DEFAULT_JOB_METRICS_PORT,
+    GatewayMetrics,
     JobMetrics,
     NvmlGpuCollector,
-    gateway_latency,
+    client_query_metrics,
 )
 from clinfer.monitoring.prometheus import (
     DEFAULT_PROMETHEUS_PORT,
@@ -26,6 +28,7 @@ from clinfer.monitoring.prometheus import (
     find_prometheus,
     render_config,
 )
+from clinfer.monitoring.stack import GATEWAY_JOB
 from clinfer.server import (
     DEFAULT_GRPC_PORT,
     DEFAULT_HTTP_PORT,
@@ -39,10 +42,22 @@ PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "clinfer.json"
 PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 # Host folders that a deployment creates or chooses: the DICOM input and the results.
-RUNTIME_PATHS = {"${CLINFER_DATA:-./data}", "./results"}
+RUNTIME_PATHS = {
+    "${CLINFER_DATA:-./data}",
+    "./results",
+    "${CLINFER_GATEWAY_TOKENS:-./gateway-tokens.json}",
+}
 # Triton exports these only with GPUs (--allow-gpu-metrics on a GPU server).
 TRITON_GPU_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes"}
-SERVICES = {"triton", "ray-head", "ray-worker", "clinfer-job", "prometheus", "grafana"}
+SERVICES = {
+    "triton",
+    "ray-head",
+    "ray-worker",
+    "clinfer-job",
+    "gateway",
+    "prometheus",
+    "grafana",
+}
 
 
 def _compose() -> dict[str, Any]:
@@ -175,7 +190,24 @@ def test_prometheus_targets_are_services() -> None:
             hosts |= {target.rsplit(":", 1)[0] for target in static["targets"]}
         for dns in job.get("dns_sd_configs", []):
             hosts |= set(dns["names"])
-    assert hosts == {"triton", "clinfer-job", "ray-head", "ray-worker"}
+    assert hosts == {"triton", "clinfer-job", "gateway", "ray-head", "ray-worker"}
+
+
+def test_gateway_port_matches_default() -> None:
+    service = _services()["gateway"]
+    command = service["command"]
+    assert command[command.index("--port") + 1] == str(GATEWAY_PORT)
+    assert f"127.0.0.1:{GATEWAY_PORT}:{GATEWAY_PORT}" in service["ports"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = jobs[GATEWAY_JOB]["static_configs"][0]["targets"]
+    assert targets == [f"gateway:{GATEWAY_PORT}"]
+
+
+def test_gateway_triton_url_is_service() -> None:
+    command = _services()["gateway"]["command"]
+    url = command[command.index("--triton-url") + 1]
+    assert url == f"triton:{DEFAULT_GRPC_PORT}"
 
 
 def test_generated_config_valid(tmp_path: Path) -> None:
@@ -221,6 +253,8 @@ def test_dashboard_panels_present() -> None:
         "GPU utilisation",
         "Failures by reason",
         "Queue depth",
+        "Gateway latency percentiles by priority class",
+        "Gateway responses by status code",
     ):
         assert title in titles, title
 
@@ -228,7 +262,8 @@ def test_dashboard_panels_present() -> None:
 def _known_clinfer_series() -> set[str]:
     registry = CollectorRegistry()
     JobMetrics(registry)
-    gateway_latency(registry, [])
+    GatewayMetrics(registry, [])
+    client_query_metrics(registry)
     registry.register(NvmlGpuCollector())
     suffixes = {
         "counter": ["_total"],

@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 
 from clinfer.server import free_port
 
@@ -57,7 +59,7 @@ def up(
         "--prometheus-port", "0", "--http-port", "0", "--grpc-port", "0",
         "--triton-metrics-port", "0", "--worker-metrics-port", "0",
         "--job-metrics-port", str(free_port()), "--scrape-interval", "0.5",
-        "--target", f"gateway={gateway}",
+        "--target", f"gateway={gateway}", "--gateway-port", "0",
     ]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=open(workdir / "up.log", "w"), text=True
@@ -95,7 +97,8 @@ def _port_open(address: str) -> bool:
 
 
 def test_up_prints_every_url(up: UpProcess) -> None:
-    for key in ("prometheus", "grpc", "http", "triton_metrics", "worker_metrics"):
+    keys = ("prometheus", "grpc", "http", "triton_metrics", "worker_metrics", "gateway")
+    for key in keys:
         assert key in up.urls, key
 
 
@@ -110,6 +113,65 @@ def test_up_lists_extra_and_job_targets(up: UpProcess) -> None:
     # Nothing listens on these ports, but Prometheus scrapes them.
     assert "gateway" in health
     assert "clinfer_job" in health
+
+
+def _query_gateway(up: UpProcess) -> int:
+    token = (up.workdir / "gateway" / "token").read_text(encoding="utf-8").strip()
+    boundary = "clinferboundary"
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="ct.dcm"\r\nContent-Type: application/dicom\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{up.urls['gateway']}/v1/studies/query",
+        data=body,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=60.0) as response:
+        return response.status
+
+
+def _series(up: UpProcess, expression: str) -> list[dict]:
+    url = f"{up.urls['prometheus']}/api/v1/query?" + urllib.parse.urlencode(
+        {"query": expression}
+    )
+    deadline = time.monotonic() + WAIT_S
+    result: list[dict] = []
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=10.0) as response:
+            result = json.load(response)["data"]["result"]
+        if result:
+            break
+        time.sleep(0.5)
+    return result
+
+
+def test_up_scrapes_gateway_queries(up: UpProcess) -> None:
+    for _ in range(3):
+        assert _query_gateway(up) == 200
+    query = (
+        'clinfer_gateway_request_seconds_count{job="clinfer_gateway",'
+        'route="/v1/studies/query",priority="realtime",outcome="ok"} >= 3'
+    )
+    latency = _series(up, query)
+    assert len(latency) == 1
+    codes = _series(
+        up, 'clinfer_gateway_responses_total{job="clinfer_gateway",code="200"}'
+    )
+    assert codes
+    client = _series(
+        up,
+        'clinfer_client_query_seconds_count{job="clinfer_gateway",outcome="ok"} >= 3',
+    )
+    assert len(client) == 1
 
 
 def test_up_stops_on_sigterm(up: UpProcess) -> None:

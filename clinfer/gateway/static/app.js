@@ -52,7 +52,9 @@ async function render(result) {
   setText("training", result.model_training ? "Training: " + result.model_training : "");
   if (result.validation) {
     const v = result.validation;
-    setText("validation", "Validation: " + v.decision + ", test AUROC " + (v.test_auroc == null ? "n/a" : v.test_auroc.toFixed(3)) + " on " + v.test_n + " cases" + (v.synthetic_data ? " (synthetic data)" : ""));
+    const fixed = (x) => (x == null ? "n/a" : x.toFixed(3));
+    const ci = v.test_auroc_ci && v.test_auroc_ci[0] != null ? " (95% CI " + fixed(v.test_auroc_ci[0]) + "–" + fixed(v.test_auroc_ci[1]) + ")" : "";
+    setText("validation", "Validation: " + v.decision + ", test AUROC " + fixed(v.test_auroc) + ci + " on " + v.test_n + " cases, operating threshold " + fixed(v.threshold) + (v.synthetic_data ? " (synthetic data)" : ""));
   } else {
     setText("validation", "Validation: " + result.validation_note);
   }
