@@ -64,6 +64,7 @@ class Plot:
     y_label: str
     series: list[Series]
     log_x: bool = False
+    log_y: bool = False
     categories: list[str] | None = None
 
 

@@ -78,6 +78,12 @@ class GatewaySettings:
     timeout_s: float = 30.0
 
 
+# Served models whose scores come from another validated model: the multimodal
+# composition reports the fusion model's probabilities, so the page shows the fusion
+# model's validation report for it.
+VALIDATED_AS: dict[str, tuple[str, ...]] = {"multimodal": ("fusion",)}
+
+
 class ReferenceQuery(BaseModel):
     """Body of a query by reference: a path under the storage root."""
 
@@ -136,10 +142,15 @@ class _Gateway:
     def validation_summary(self, model: str) -> dict[str, Any] | None:
         if self.settings.validation_dir is None:
             return None
-        path = self.settings.validation_dir / model / "report.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        data = None
+        for name in (model, *VALIDATED_AS.get(model, ())):
+            path = self.settings.validation_dir / name / "report.json"
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+            break
+        if data is None:
             return None
         test = data.get("test", {})
         point = test.get("operating_point", {})

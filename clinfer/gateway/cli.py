@@ -44,7 +44,7 @@ def gateway_command(
     validation_dir: Annotated[
         Path | None,
         typer.Option(help="Folder of `clinfer validate` reports, one per model."),
-    ] = None,
+    ] = Path("results/validation"),
     state_dir: Annotated[
         Path,
         typer.Option(

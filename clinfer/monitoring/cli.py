@@ -75,7 +75,7 @@ def up(
     validation_dir: Annotated[
         Path | None,
         typer.Option(help="Folder of `clinfer validate` reports, one per model."),
-    ] = None,
+    ] = Path("results/validation"),
     no_gateway: Annotated[
         bool, typer.Option("--no-gateway", help="Start no gateway.")
     ] = False,
