@@ -11,6 +11,12 @@ server on it and measures, in interleaved repeats after a warm-up:
 It reports real-time p50/p99 idle and loaded, their ratio, and the batch throughput
 kept under real-time load (loaded over alone). Latency is the client's gRPC round trip
 of a preprocessed tensor; DICOM reading and preprocessing are not included.
+
+The ``multimodal_*`` designs serve the trained composition instead of ``cxr_resnet``:
+requests carry an image and an EMR row, and throughput counts studies per second.
+Their repository is published from an existing export (``multimodal_repository``)
+or, by default, from models trained briefly on a small synthetic cohort, since
+latency does not depend on what the weights learned.
 """
 
 from __future__ import annotations
@@ -28,18 +34,32 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
+from clinfer.export.composition import (
+    COMPOSING_MODELS,
+    COMPOSITION_NAME,
+    OUTPUT_NAMES,
+    PRIORITY_PARAMETER,
+    publish_composing_model,
+    publish_composition,
+)
 from clinfer.export.cxr import CXR_MODEL_NAME, export_cxr_model
+from clinfer.export.multimodal import export_trained_models
 from clinfer.export.repository import (
     BATCH_PRIORITY,
     REALTIME_PRIORITY,
     REALTIME_SUFFIX,
     TritonConfigOptions,
+    existing_versions,
     render_config,
     write_realtime_model,
 )
+from clinfer.export.served_repository import SPEC_FILE, ServingOptions, read_spec
 
-from clinfer.errors import ClinferError
+from clinfer.errors import ClinferError, ConfigurationError
 from clinfer.server import EmbeddedTritonServer
+from clinfer.train.cohort import generate_cohort
+from clinfer.train.emr import EMR_FEATURES
+from clinfer.train.training import TrainConfig, train_all
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +70,35 @@ class Design:
 
     With ``options.realtime_model`` the repository also has ``<name>_realtime`` on
     the same ONNX file (see ``clinfer.export.repository.write_realtime_model``), and
-    real-time requests go there.
+    real-time requests go there. A design with ``serving`` serves the multimodal
+    composition with those options instead, and ``options`` is unused.
     """
 
     name: str
     description: str
     options: TritonConfigOptions
+    serving: ServingOptions | None = None
+
+    @property
+    def batch_model(self) -> str:
+        """The Triton model that batch requests are sent to."""
+        return CXR_MODEL_NAME if self.serving is None else COMPOSITION_NAME
+
+    @property
+    def realtime_model(self) -> str:
+        """The Triton model that real-time requests are sent to."""
+        if self.serving is None:
+            copy = self.options.realtime_model
+        else:
+            copy = self.serving.realtime_models
+        return self.batch_model + (REALTIME_SUFFIX if copy else "")
+
+    @property
+    def max_batch_size(self) -> int:
+        """The batch model's maximum batch size."""
+        if self.serving is None:
+            return self.options.max_batch_size
+        return self.serving.max_batch_size
 
 
 # Designs start from one model at the default nice value with ONNX Runtime's default
@@ -122,8 +165,23 @@ DESIGNS: dict[str, Design] = {
             "dedicated real-time model; batch at nice 19; no ORT thread spinning",
             _options(realtime_model=True, process_nice=19, allow_spinning=False),
         ),
+        Design(
+            "multimodal_priority",
+            "multimodal composition alone; real-time requests at priority 1 share "
+            "the composing models' instances with batch work",
+            PLAIN_OPTIONS,
+            ServingOptions(realtime_models=False),
+        ),
+        Design(
+            "multimodal_realtime",
+            "multimodal composition and _realtime copies of it and of the models "
+            "it calls, each on its own instance",
+            PLAIN_OPTIONS,
+            ServingOptions(realtime_models=True),
+        ),
     )
 }
+MULTIMODAL_DESIGNS = tuple(name for name, d in DESIGNS.items() if d.serving)
 
 
 @dataclass(frozen=True)
@@ -140,6 +198,11 @@ class BenchConfig:
     batch_phase_s: float = 6.0
     repeats: int = 3
     warmup_requests: int = 5
+    multimodal_repository: Path | None = None
+    """Exported repository with the composition, for the multimodal designs; when
+    None, one is trained and exported from a synthetic cohort."""
+    multimodal_cohort_size: int = 60
+    """Patients of that synthetic cohort."""
 
 
 @dataclass
@@ -183,11 +246,24 @@ class DesignResult:
 def write_repository(root: Path, design: Design, base: Path) -> Path:
     """Copy the exported model of ``base`` into ``root`` with the design's configs.
 
+    For a multimodal design ``base`` is a repository with the composition, and its
+    composing models and the composition are published again with
+    ``design.serving``.
+
     Returns
     -------
     Path
         The repository folder.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``base`` lacks a model that the design serves.
+    clinfer.errors.ExportError
+        If the repository cannot be written.
     """
+    if design.serving is not None:
+        return _write_multimodal_repository(root, design.serving, base)
     source = base / CXR_MODEL_NAME
     spec = json.loads((source / "clinfer.json").read_text())
     target = root / CXR_MODEL_NAME
@@ -200,16 +276,76 @@ def write_repository(root: Path, design: Design, base: Path) -> Path:
     return root
 
 
+def _write_multimodal_repository(
+    root: Path, serving: ServingOptions, base: Path
+) -> Path:
+    versions = {}
+    specs = {}
+    for name in COMPOSING_MODELS:
+        spec = read_spec(base / name)
+        published = existing_versions(base / name)
+        if spec is None or not published:
+            raise ConfigurationError(
+                f"{base} has no published {name}; export the trained models with "
+                "`clinfer export-trained` first"
+            )
+        folder = base / name / str(published[-1])
+        files = {path.name: path.read_bytes() for path in folder.iterdir()}
+        info = spec.get("versions", {}).get(str(published[-1]), {})
+        info = {key: value for key, value in info.items() if key != "sha256"}
+        spec = {key: value for key, value in spec.items() if key != "versions"}
+        versions[name], _ = publish_composing_model(
+            root, spec, files, version_info=info, options=serving
+        )
+        specs[name] = json.loads((root / name / SPEC_FILE).read_text())
+    publish_composition(root, specs, versions, serving)
+    return root
+
+
+def _random_inputs(
+    design: Design, batch_size: int, seed: int
+) -> list[triton_grpc.InferInput]:
+    rng = np.random.default_rng(seed)
+    arrays = {"image": rng.random((batch_size, 1, 224, 224), dtype=np.float32)}
+    if design.serving is not None:
+        # Raw EMR values; the composition standardises them.
+        arrays["emr"] = rng.random((batch_size, len(EMR_FEATURES)), dtype=np.float32)
+    tensors = []
+    for name, array in arrays.items():
+        tensor = triton_grpc.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
+def _request_kwargs(design: Design, priority: int, *, realtime: bool) -> dict:
+    """Return the model, outputs, priority and parameters of one request."""
+    if design.serving is None:
+        model = design.realtime_model if realtime else design.batch_model
+        return {
+            "model_name": model,
+            "outputs": [triton_grpc.InferRequestedOutput("probabilities")],
+            "priority": priority,
+        }
+    # Real-time clients read every output, saliency included; batch jobs without
+    # DICOM outputs read the three probabilities.
+    names = OUTPUT_NAMES if realtime else OUTPUT_NAMES[:3]
+    return {
+        "model_name": design.realtime_model if realtime else design.batch_model,
+        "outputs": [triton_grpc.InferRequestedOutput(name) for name in names],
+        "priority": priority,
+        "parameters": {PRIORITY_PARAMETER: priority},
+    }
+
+
 class BatchLoad:
     """Threads that send batch-priority requests back to back until stopped."""
 
-    def __init__(self, url: str, model: str, clients: int, batch_size: int):
+    def __init__(self, url: str, design: Design, clients: int, batch_size: int):
         self.url = url
-        self.model = model
+        self.design = design
         self.clients = clients
-        self.images = np.random.default_rng(0).random(
-            (batch_size, 1, 224, 224), dtype=np.float32
-        )
+        self.batch_size = batch_size
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -218,15 +354,12 @@ class BatchLoad:
 
     def _run(self) -> None:
         client = triton_grpc.InferenceServerClient(self.url)
-        tensor = triton_grpc.InferInput("image", list(self.images.shape), "FP32")
-        tensor.set_data_from_numpy(self.images)
-        output = triton_grpc.InferRequestedOutput("probabilities")
+        tensors = _random_inputs(self.design, self.batch_size, seed=0)
+        kwargs = _request_kwargs(self.design, BATCH_PRIORITY, realtime=False)
         try:
             while not self._stop.is_set():
                 try:
-                    client.infer(
-                        self.model, [tensor], outputs=[output], priority=BATCH_PRIORITY
-                    )
+                    client.infer(inputs=tensors, **kwargs)
                 except Exception as exc:  # counted and logged; the load continues
                     with self._lock:
                         self.errors += 1
@@ -234,7 +367,7 @@ class BatchLoad:
                     time.sleep(0.1)
                     continue
                 with self._lock:
-                    self.frames += self.images.shape[0]
+                    self.frames += self.batch_size
         finally:
             client.close()
 
@@ -259,20 +392,18 @@ class BatchLoad:
 
 def _realtime_latencies(
     client: triton_grpc.InferenceServerClient,
-    model: str,
+    design: Design,
     count: int,
     gap_s: float,
 ) -> tuple[list[float], int]:
-    image = np.random.default_rng(1).random((1, 1, 224, 224), dtype=np.float32)
-    tensor = triton_grpc.InferInput("image", list(image.shape), "FP32")
-    tensor.set_data_from_numpy(image)
-    output = triton_grpc.InferRequestedOutput("probabilities")
+    tensors = _random_inputs(design, 1, seed=1)
+    kwargs = _request_kwargs(design, REALTIME_PRIORITY, realtime=True)
     latencies: list[float] = []
     errors = 0
     for _ in range(count):
         sent = time.perf_counter()
         try:
-            client.infer(model, [tensor], outputs=[output], priority=REALTIME_PRIORITY)
+            client.infer(inputs=tensors, **kwargs)
         except Exception as exc:  # counted and logged; the run continues
             errors += 1
             logger.warning("real-time request failed: %s", exc)
@@ -294,9 +425,6 @@ def measure_design(
     """
     repository = write_repository(work / design.name, design, base)
     result = DesignResult(design.name, design.description)
-    realtime_model = CXR_MODEL_NAME
-    if design.options.realtime_model:
-        realtime_model += REALTIME_SUFFIX
     clients = config.batch_clients
     with EmbeddedTritonServer(
         repository,
@@ -307,10 +435,10 @@ def measure_design(
     ) as server:
         client = triton_grpc.InferenceServerClient(server.grpc_url)
         # A request larger than the model's max batch size would be rejected.
-        batch_size = min(config.batch_size, design.options.max_batch_size)
-        load = BatchLoad(server.grpc_url, CXR_MODEL_NAME, clients, batch_size)
+        batch_size = min(config.batch_size, design.max_batch_size)
+        load = BatchLoad(server.grpc_url, design, clients, batch_size)
         try:
-            _realtime_latencies(client, realtime_model, config.warmup_requests, 0.0)
+            _realtime_latencies(client, design, config.warmup_requests, 0.0)
             load.start()
             time.sleep(1.0)
             load.stop()
@@ -318,7 +446,7 @@ def measure_design(
             for _ in range(config.repeats):
                 latencies, errors = _realtime_latencies(
                     client,
-                    realtime_model,
+                    design,
                     config.realtime_requests,
                     config.realtime_gap_s,
                 )
@@ -335,7 +463,7 @@ def measure_design(
                 started = time.perf_counter()
                 latencies, errors = _realtime_latencies(
                     client,
-                    realtime_model,
+                    design,
                     config.realtime_requests,
                     config.realtime_gap_s,
                 )
@@ -351,6 +479,36 @@ def measure_design(
             client.close()
     result.errors += load.errors
     return result
+
+
+# Short training: the multimodal designs measure latency, which does not depend on
+# what the weights learned.
+BENCH_TRAINING = TrainConfig(image_epochs=1, tabular_epochs=5, fusion_epochs=5)
+
+
+def _base_repository(multimodal: bool, config: BenchConfig, work: Path) -> Path:
+    if not multimodal:
+        base = work / "base"
+        export_cxr_model(base)
+        return base
+    if config.multimodal_repository is not None:
+        return Path(config.multimodal_repository)
+    logger.info(
+        "training the multimodal models on a %d-patient synthetic cohort",
+        config.multimodal_cohort_size,
+    )
+    cohort = generate_cohort(config.multimodal_cohort_size, work / "mm_cohort", seed=0)
+    train_all(cohort.root, work / "mm_models", seed=0, config=BENCH_TRAINING)
+    base = work / "mm_base"
+    export_trained_models(
+        work / "mm_models",
+        cohort.root,
+        base,
+        seed=0,
+        tensorrt=False,
+        options=ServingOptions(realtime_models=False),
+    )
+    return base
 
 
 def run_bench(
@@ -378,7 +536,8 @@ def run_bench(
     Raises
     ------
     ClinferError
-        If a design name is unknown, the export fails or a server does not start.
+        If a design name is unknown, the export or training fails, or a server does
+        not start.
     """
     unknown = [name for name in config.designs if name not in DESIGNS]
     if unknown:
@@ -388,23 +547,33 @@ def run_bench(
     summaries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="clinfer-bench-") as tmp:
         work = Path(tmp)
-        base = work / "base"
-        export_cxr_model(base)
+        bases: dict[bool, Path] = {}
         for name in config.designs:
+            design = DESIGNS[name]
+            multimodal = design.serving is not None
+            if multimodal not in bases:
+                bases[multimodal] = _base_repository(multimodal, config, work)
             logger.info("measuring design %s", name)
-            summary = measure_design(DESIGNS[name], base, config, work).summary()
+            summary = measure_design(design, bases[multimodal], config, work).summary()
             summaries.append(summary)
             if report is not None:
                 report(summary)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(
-        json.dumps({"config": asdict(config), "results": summaries}, indent=2)
+        # default=str writes the optional repository Path as text.
+        json.dumps(
+            {"config": asdict(config), "results": summaries}, indent=2, default=str
+        )
     )
     return summaries
 
 
 def tiny_config(designs: Sequence[str] = ("priority",)) -> BenchConfig:
-    """Return a configuration that runs in seconds, for tests and smoke runs."""
+    """Return a configuration that runs in seconds, for tests and smoke runs.
+
+    NOTE: multimodal designs without ``multimodal_repository`` first train and
+    export their models, which took about a minute on a shared 2-core machine.
+    """
     return replace(
         BenchConfig(),
         designs=tuple(designs),

@@ -92,13 +92,24 @@ def export_trained_command(
         Path | None,
         typer.Option("--report", help="Also write the per-model results as JSON."),
     ] = None,
+    realtime_copies: Annotated[
+        bool,
+        typer.Option(
+            "--realtime-copies/--no-realtime-copies",
+            help="Also publish <name>_realtime copies of the composition and the "
+            "models it calls, on their own instances, for priority-1 queries.",
+        ),
+    ] = True,
 ) -> None:
     """Export the trained models to ONNX with parity gates and publish them.
 
     Publishes cxr_cnn (probabilities and saliency), emr_mlp, fusion,
-    breast_cancer_logistic and the composition multimodal.
+    breast_cancer_logistic and the composition multimodal, and by default the
+    real-time copies cxr_cnn_realtime, emr_mlp_realtime, fusion_realtime and
+    multimodal_realtime.
     """
     from clinfer.export.multimodal import export_trained_models
+    from clinfer.export.served_repository import ServingOptions
 
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
     try:
@@ -109,6 +120,7 @@ def export_trained_command(
             tolerance=tolerance,
             seed=seed,
             tensorrt=tensorrt,
+            options=ServingOptions(realtime_models=realtime_copies),
         )
     except ClinferError as exc:
         _fail(exc)
@@ -118,6 +130,11 @@ def export_trained_command(
         f"composition multimodal version {result.composition_version}"
         f"{'' if result.composition_created else ' (unchanged)'} in {repository}"
     )
+    if result.realtime_copies:
+        console.print(
+            "real-time copies at the same versions: "
+            + ", ".join(result.realtime_copies)
+        )
     if report is not None:
         report.write_text(json.dumps(rows, indent=2), encoding="utf-8")
 

@@ -8,6 +8,15 @@ sends the priority twice. The request priority orders the composition's own queu
 and the request parameter ``clinfer_priority`` is copied by the composition onto
 every composing request. Every served Python model counts requests by that priority in
 ``clinfer_requests_by_priority_total{model, priority}`` on the metrics endpoint.
+
+Because those composing requests are queued at the composing models' default level
+and on the instances that run batch work, a real-time request would still wait for
+running batch executions. With ``ServingOptions.realtime_models`` (the default) the
+composition and each model it calls get a ``_realtime`` copy on their own instances
+(``clinfer.export.served_repository.publish_realtime_copy``). ``multimodal``'s config
+parameter ``clinfer_realtime_model`` names ``multimodal_realtime``, where
+``clinfer.client.Client`` sends priority-1 queries. That copy calls
+``cxr_cnn_realtime``, ``emr_mlp_realtime`` and ``fusion_realtime``.
 """
 
 from __future__ import annotations
@@ -21,8 +30,18 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
-from clinfer.export.repository import BATCH_PRIORITY
-from clinfer.export.served_repository import ServingOptions, publish_model
+from clinfer.export.repository import (
+    BATCH_PRIORITY,
+    REALTIME_MODEL_PARAMETER,
+    REALTIME_SUFFIX,
+)
+from clinfer.export.served_repository import (
+    ServingOptions,
+    publish_model,
+    publish_realtime_copy,
+    realtime_name,
+    remove_realtime_copy,
+)
 from tritonclient.utils import InferenceServerException
 
 from clinfer.errors import InferenceError
@@ -40,6 +59,10 @@ COMPOSITION_NAME = "multimodal"
 COMPOSITION_SOURCE = Path(__file__).with_name("triton_multimodal_model.py")
 PRIORITY_PARAMETER = "clinfer_priority"
 PRIORITY_METRIC = "clinfer_requests_by_priority_total"
+# Config parameter of the real-time composition: appended to every composing model's
+# name by triton_multimodal_model.py.
+STEP_SUFFIX_PARAMETER = "clinfer_step_suffix"
+COMPOSING_MODELS = (IMAGE_MODEL, EMR_MODEL, FUSION_MODEL)
 OUTPUT_NAMES = (
     "fusion_probabilities",
     "image_probabilities",
@@ -127,6 +150,53 @@ def composition_spec(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def realtime_parameters(name: str, options: ServingOptions) -> dict[str, str]:
+    """Return the config parameter naming ``name``'s real-time copy, if it has one."""
+    if not options.realtime_models:
+        return {}
+    return {REALTIME_MODEL_PARAMETER: realtime_name(name)}
+
+
+def publish_composing_model(
+    repository: Path,
+    spec: Mapping[str, Any],
+    files: Mapping[str, bytes],
+    *,
+    version_info: Mapping[str, Any],
+    options: ServingOptions | None = None,
+) -> tuple[int, bool]:
+    """Publish a model that the composition calls, and its real-time copy.
+
+    With ``options.realtime_models`` the batch config names ``<name>_realtime``
+    and the copy is mirrored at the same versions. Without it, a copy left by an
+    earlier publish is deleted, so no copy keeps serving superseded versions.
+
+    Returns
+    -------
+    (version, created)
+        Of the batch model; the copy has the same version.
+
+    Raises
+    ------
+    clinfer.errors.ExportError
+        If a version folder or the copy cannot be written.
+    """
+    options = options or ServingOptions()
+    result = publish_model(
+        repository,
+        spec,
+        files,
+        version_info=version_info,
+        options=options,
+        parameters=realtime_parameters(spec["name"], options),
+    )
+    if options.realtime_models:
+        publish_realtime_copy(repository, spec["name"], options=options)
+    else:
+        remove_realtime_copy(repository, spec["name"])
+    return result
+
+
 def publish_composition(
     repository: Path,
     specs: Mapping[str, Mapping[str, Any]],
@@ -137,23 +207,27 @@ def publish_composition(
 
     A new version is published when the BLS source or a pinned version changes.
     The composition has no warmup, because Triton may load it before the models
-    it calls.
+    it calls. With ``options.realtime_models`` the same version is mirrored into
+    ``multimodal_realtime``, which calls the composing models' real-time copies
+    (publish those first with ``publish_composing_model``).
 
     Returns
     -------
     (version, created)
+        Of ``multimodal``; ``multimodal_realtime`` has the same version.
 
     Raises
     ------
     clinfer.errors.ExportError
-        If the version folder cannot be written.
+        If the version folder or the real-time copy cannot be written.
     """
+    options = options or ServingOptions()
     steps = composition_steps(versions)
     files = {
         "model.py": COMPOSITION_SOURCE.read_bytes(),
         "composition.json": json.dumps({"steps": steps}, indent=2).encode(),
     }
-    return publish_model(
+    result = publish_model(
         repository,
         composition_spec(specs),
         files,
@@ -161,7 +235,20 @@ def publish_composition(
         backends=("python",),
         options=options,
         warmup=False,
+        parameters=realtime_parameters(COMPOSITION_NAME, options),
     )
+    if options.realtime_models:
+        publish_realtime_copy(
+            repository,
+            COMPOSITION_NAME,
+            backends=("python",),
+            options=options,
+            warmup=False,
+            parameters={STEP_SUFFIX_PARAMETER: REALTIME_SUFFIX},
+        )
+    else:
+        remove_realtime_copy(repository, COMPOSITION_NAME)
+    return result
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ each to ONNX. Each export passes two parity gates: fresh random inputs and real
 held-out inputs, with an fp32 max abs diff of at most ``tolerance``. Where TensorRT
 and a GPU are present, an fp16 engine is built and checked. The models are then
 published into a Triton model repository, followed by the BLS composition
-``multimodal`` (``clinfer.export.composition``). A model that fails a gate raises
-``clinfer.errors.ParityError`` before anything is published.
+``multimodal`` (``clinfer.export.composition``). By default the composition and the
+models it calls also get ``_realtime`` copies at the same versions. A model that
+fails a gate raises ``clinfer.errors.ParityError`` before anything is published.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 from clinfer.export import tensorrt_engine
-from clinfer.export.composition import publish_composition
+from clinfer.export.composition import (
+    COMPOSING_MODELS,
+    COMPOSITION_NAME,
+    publish_composing_model,
+    publish_composition,
+)
 from clinfer.export.onnx_export import DEFAULT_TOLERANCE
 from clinfer.export.parity import (
     RANDOM_GATE,
@@ -33,7 +39,11 @@ from clinfer.export.parity import (
     random_batches,
 )
 from clinfer.export.saliency import CxrCnnWithSaliency
-from clinfer.export.served_repository import ServingOptions, publish_model
+from clinfer.export.served_repository import (
+    ServingOptions,
+    publish_model,
+    realtime_name,
+)
 from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
@@ -117,6 +127,8 @@ class ExportReport:
     models: dict[str, ModelExport]
     composition_version: int
     composition_created: bool
+    realtime_copies: list[str] = field(default_factory=list)
+    """Real-time copies published at the versions of their batch models."""
 
     def rows(self) -> list[dict[str, Any]]:
         """Return one summary row per model for tables and JSON."""
@@ -546,9 +558,13 @@ def export_trained_models(
             if on_export is not None:
                 on_export(export)
             exports[name] = export
-        # Publishing starts only after every model passed its gates.
-        for export in exports.values():
-            export.version, export.created = publish_model(
+        # Publishing starts only after every model passed its gates. The models
+        # and their real-time copies precede the composition that calls them.
+        for name, export in exports.items():
+            publish = (
+                publish_composing_model if name in COMPOSING_MODELS else publish_model
+            )
+            export.version, export.created = publish(
                 repository,
                 export.plan.spec,
                 _version_files(export),
@@ -559,4 +575,9 @@ def export_trained_models(
     composition_version, composition_created = publish_composition(
         repository, {name: plans[name].spec for name in plans}, versions, options
     )
-    return ExportReport(repository, exports, composition_version, composition_created)
+    copies = []
+    if options.realtime_models:
+        copies = [realtime_name(n) for n in (*COMPOSING_MODELS, COMPOSITION_NAME)]
+    return ExportReport(
+        repository, exports, composition_version, composition_created, copies
+    )

@@ -10,6 +10,12 @@ Layout of one model::
         labels.txt                 class labels, one a line (label_filename)
         <version>/...              model.onnx and Python host files, or model.py
 
+``publish_realtime_copy`` mirrors a model into ``<name>_realtime``: the same version
+folders (hard links where possible) and SHA-256, with configs for one instance, no
+batching delay and priority 1 as the default level. A real-time request sent there
+does not queue behind batch executions of the batch model's instances, though both
+models share the CPU cores.
+
 ``tritonserver --model-config-name=onnxruntime`` (Triton 23.04 and later) reads
 ``configs/onnxruntime.pbtxt`` instead of ``config.pbtxt`` where a model has it and
 ``config.pbtxt`` elsewhere, so a composition with only ``config.pbtxt`` is served by
@@ -25,12 +31,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from clinfer.export.repository import (
     BATCH_PRIORITY,
+    REALTIME_PRIORITY,
+    REALTIME_SUFFIX,
     SPEC_PARAMETER,
     existing_versions,
     pbtxt_string,
@@ -57,6 +65,26 @@ class ServingOptions:
     instance_count: int = 1
     intra_op_threads: int = 0
     warmup: bool = True
+    realtime_models: bool = True
+    """Whether to publish ``<name>_realtime`` copies of the composition and of the
+    models it calls, and name them in the batch configs for real-time clients."""
+    default_priority_level: int = BATCH_PRIORITY
+    """Priority level of requests that set none: 2 (batch) or 1 (real-time)."""
+
+
+def realtime_serving_options(options: ServingOptions) -> ServingOptions:
+    """Return the options of a real-time copy: one instance, no delay, priority 1.
+
+    The maximum batch size stays that of the batch model, so every request the
+    batch model accepts is accepted by its copy too.
+    """
+    return replace(
+        options,
+        instance_count=1,
+        max_queue_delay_us=0,
+        default_priority_level=REALTIME_PRIORITY,
+        realtime_models=False,
+    )
 
 
 def _tensor_lines(tensors: list[dict[str, Any]], *, outputs: bool) -> list[str]:
@@ -89,11 +117,13 @@ def render_config(
     backend: str,
     options: ServingOptions | None = None,
     warmup: bool | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> str:
     """Render Triton config text for ``backend`` (python, onnxruntime or tensorrt).
 
     The header comments list each output with its meaning and the labels, and the
-    ``clinfer_spec`` parameter contains the whole spec as JSON.
+    ``clinfer_spec`` parameter contains the whole spec as JSON. ``parameters`` are
+    written as further config parameters under every backend.
 
     Raises
     ------
@@ -136,16 +166,17 @@ def render_config(
         f"  preferred_batch_size: {list(options.preferred_batch_sizes)}",
         f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
         f"  priority_levels: {PRIORITY_LEVELS}",
-        f"  default_priority_level: {BATCH_PRIORITY}",
+        f"  default_priority_level: {options.default_priority_level}",
         "}",
     ]
     if options.warmup if warmup is None else warmup:
         lines += _warmup_lines(spec["inputs"])
-    parameters = {SPEC_PARAMETER: json.dumps(dict(spec), sort_keys=True)}
+    all_parameters = {SPEC_PARAMETER: json.dumps(dict(spec), sort_keys=True)}
+    all_parameters.update(parameters or {})
     if backend == "python":
-        parameters["intra_op_threads"] = str(options.intra_op_threads)
-        parameters.update(spec.get("python_parameters", {}))
-    for key, value in parameters.items():
+        all_parameters["intra_op_threads"] = str(options.intra_op_threads)
+        all_parameters.update(spec.get("python_parameters", {}))
+    for key, value in all_parameters.items():
         lines += [
             "parameters {",
             f'  key: "{key}"',
@@ -180,6 +211,7 @@ def publish_model(
     backends: tuple[str, ...] = BACKENDS,
     options: ServingOptions | None = None,
     warmup: bool | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> tuple[int, bool]:
     """Publish ``files`` as a version of ``spec["name"]`` and rewrite its configs.
 
@@ -187,7 +219,8 @@ def publish_model(
     no version is added, so re-exporting unchanged weights is idempotent. A new
     version is assembled in a staging folder and renamed into place, so a server
     polling the repository never loads a half-written version. ``config.pbtxt`` uses
-    the first backend and ``configs/<backend>.pbtxt`` the others.
+    the first backend and ``configs/<backend>.pbtxt`` the others. ``parameters``
+    are added to every config (see ``render_config``).
 
     Returns
     -------
@@ -225,13 +258,156 @@ def publish_model(
     write_text_atomic(
         model_dir / SPEC_FILE, json.dumps(full_spec, indent=2, sort_keys=True)
     )
-    write_text_atomic(model_dir / LABELS_FILE, "\n".join(spec["labels"]) + "\n")
-    for index, backend in enumerate(backends):
-        target = "config.pbtxt" if index == 0 else f"configs/{backend}.pbtxt"
-        text = render_config(full_spec, backend=backend, options=options, warmup=warmup)
-        write_text_atomic(model_dir / target, text)
+    _write_configs(model_dir, full_spec, backends, options, warmup, parameters)
     if created:
         logger.info(
             "Published %s version %d (sha256 %s)", spec["name"], version, sha256[:12]
         )
     return version, created
+
+
+def _write_configs(
+    model_dir: Path,
+    spec: Mapping[str, Any],
+    backends: tuple[str, ...],
+    options: ServingOptions,
+    warmup: bool | None,
+    parameters: Mapping[str, str] | None,
+) -> None:
+    write_text_atomic(model_dir / LABELS_FILE, "\n".join(spec["labels"]) + "\n")
+    for index, backend in enumerate(backends):
+        target = "config.pbtxt" if index == 0 else f"configs/{backend}.pbtxt"
+        text = render_config(
+            spec,
+            backend=backend,
+            options=options,
+            warmup=warmup,
+            parameters=parameters,
+        )
+        write_text_atomic(model_dir / target, text)
+
+
+def realtime_name(name: str) -> str:
+    """Return the name of the real-time copy of model ``name``."""
+    return name + REALTIME_SUFFIX
+
+
+def publish_realtime_copy(
+    repository: Path,
+    name: str,
+    *,
+    backends: tuple[str, ...] = BACKENDS,
+    options: ServingOptions | None = None,
+    warmup: bool | None = None,
+    parameters: Mapping[str, str] | None = None,
+) -> list[int]:
+    """Mirror the published model ``name`` into ``<name>_realtime``.
+
+    Every version folder of ``name`` is copied under the same number, through hard
+    links where the file system allows them, and versions that ``name`` no longer
+    has are removed. A version whose recorded SHA-256 differs from the batch
+    model's is replaced. The copy's ``clinfer.json`` is the batch spec under the new
+    name, so both record the same versions and SHA-256. Its configs use
+    ``realtime_serving_options(options)``. Call it after every ``publish_model`` of
+    ``name``, so the copy's versions follow the batch model's.
+
+    Returns
+    -------
+    list of int
+        The versions of the copy, ascending.
+
+    Raises
+    ------
+    ExportError
+        If ``name`` has no published spec or the copy cannot be written.
+    """
+    repository = Path(repository)
+    source_dir = repository / name
+    spec = read_spec(source_dir)
+    if spec is None:
+        raise ExportError(
+            f"{source_dir} has no {SPEC_FILE}; publish {name} before its real-time copy"
+        )
+    target_name = realtime_name(name)
+    target_dir = repository / target_name
+    versions = existing_versions(source_dir)
+    mirrored = (read_spec(target_dir) or {}).get("versions", {})
+    known = spec.get("versions", {})
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for stale in set(existing_versions(target_dir)) - set(versions):
+            shutil.rmtree(target_dir / str(stale))
+        for version in versions:
+            target = target_dir / str(version)
+            sha256 = known.get(str(version), {}).get("sha256")
+            same = mirrored.get(str(version), {}).get("sha256") == sha256
+            if target.is_dir() and sha256 is not None and same:
+                continue
+            _mirror_version(source_dir / str(version), target)
+    except OSError as exc:
+        raise ExportError(
+            f"writing the real-time copy {target_dir} of {name} failed: {exc}; check "
+            "the repository's permissions and free space"
+        ) from exc
+    copy_spec = {**spec, "name": target_name}
+    write_text_atomic(
+        target_dir / SPEC_FILE, json.dumps(copy_spec, indent=2, sort_keys=True)
+    )
+    _write_configs(
+        target_dir,
+        copy_spec,
+        backends,
+        realtime_serving_options(options or ServingOptions()),
+        warmup,
+        parameters,
+    )
+    return versions
+
+
+def remove_realtime_copy(repository: Path, name: str) -> bool:
+    """Delete ``<name>_realtime`` if clinfer published it as a copy of ``name``.
+
+    Returns
+    -------
+    bool
+        Whether a copy was deleted.
+
+    Raises
+    ------
+    ExportError
+        If the folder cannot be deleted.
+    """
+    target_dir = Path(repository) / realtime_name(name)
+    spec = read_spec(target_dir)
+    if spec is None or spec.get("name") != realtime_name(name):
+        return False
+    try:
+        shutil.rmtree(target_dir)
+    except OSError as exc:
+        raise ExportError(
+            f"deleting the real-time copy {target_dir} failed: {exc}; delete it by "
+            "hand or publish with real-time copies on"
+        ) from exc
+    logger.info("Deleted the real-time copy %s", target_dir.name)
+    return True
+
+
+def _mirror_version(source: Path, target: Path) -> None:
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        shutil.copytree(
+            source, staging, copy_function=_link_or_copy, dirs_exist_ok=True
+        )
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_or_copy(source: str, destination: str) -> str:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+    return destination

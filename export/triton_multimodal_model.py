@@ -13,6 +13,12 @@ which orders this model's own dynamic-batching queue, and as the request paramet
 ``clinfer_priority``, which this model reads and sets on every composing request.
 Where the stub's ``InferenceRequest`` accepts ``priority`` (a later Python backend),
 it is passed as well, so composing queues order by it.
+
+Real-time copy: ``multimodal_realtime`` serves the same ``model.py`` and
+``composition.json`` bytes, and its config parameter ``clinfer_step_suffix``
+("_realtime") is appended to every composing model's name. Its calls therefore go to
+``cxr_cnn_realtime``, ``emr_mlp_realtime`` and ``fusion_realtime`` at the pinned
+versions, whose instances batch jobs do not call.
 """
 
 import json
@@ -26,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 PRIORITY_PARAMETER = "clinfer_priority"
 PRIORITY_METRIC = "clinfer_requests_by_priority_total"
+STEP_SUFFIX_PARAMETER = "clinfer_step_suffix"
 
 
 class CompositionError(Exception):
@@ -52,6 +59,12 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         with open(os.path.join(version_dir, "composition.json")) as handle:
             self.composition = json.load(handle)
+        parameters = self.model_config.get("parameters", {})
+        suffix = parameters.get(STEP_SUFFIX_PARAMETER, {}).get("string_value", "")
+        self.steps = [
+            {**step, "model": step["model"] + suffix}
+            for step in self.composition["steps"]
+        ]
         batching = self.model_config.get("dynamic_batching", {})
         self.default_priority = int(batching.get("default_priority_level", 0))
         self.forward_priority = _bls_accepts_priority()
@@ -64,7 +77,7 @@ class TritonPythonModel:
         logger.info(
             "%s composes %s; BLS request priority supported: %s",
             self.model_name,
-            ", ".join(step["model"] for step in self.composition["steps"]),
+            ", ".join(f"{step['model']}:{step['version']}" for step in self.steps),
             self.forward_priority,
         )
 
@@ -129,7 +142,7 @@ class TritonPythonModel:
                 sizes = [len(part) for part in parts]
             try:
                 outputs = {}
-                for step in self.composition["steps"]:
+                for step in self.steps:
                     outputs.update(self._call(step, arrays, priority))
             except CompositionError as exc:
                 error = pb_utils.TritonError(str(exc))
