@@ -170,21 +170,26 @@ def score(
     ] = 64,
     metrics_port: Annotated[
         int | None,
-        typer.Option(help="Serve job metrics on this port while the job runs "
-                          "(0: any free port)."),
+        typer.Option(
+            help="Serve job metrics on this port while the job runs (0: any free port)."
+        ),
     ] = None,
     metrics_host: Annotated[
         str, typer.Option(help="Address of the job metrics endpoint.")
     ] = "127.0.0.1",
     emr: Annotated[
         Path | None,
-        typer.Option(help="EMR CSV joined by PatientID and AccessionNumber, for "
-                          "models with an EMR input."),
+        typer.Option(
+            help="EMR CSV joined by PatientID and AccessionNumber, for "
+            "models with an EMR input."
+        ),
     ] = None,
     dicom_out: Annotated[
         Path | None,
-        typer.Option(help="Write a DICOM SR and a heatmap Secondary Capture per "
-                          "study into this folder."),
+        typer.Option(
+            help="Write a DICOM SR and a heatmap Secondary Capture per "
+            "study into this folder."
+        ),
     ] = None,
 ) -> None:
     """Score every DICOM file under PATHS and store results in OUT/results.sqlite."""
@@ -216,8 +221,10 @@ def run(
     ] = DEFAULT_REPOSITORY,
     workdir: Annotated[
         Path,
-        typer.Option(help="Folder of the cohort, trained models, validation reports "
-                          "and the cohort job's results."),
+        typer.Option(
+            help="Folder of the cohort, trained models, validation reports "
+            "and the cohort job's results."
+        ),
     ] = Path("results"),
     cohort_size: Annotated[
         int, typer.Option(help="Patients in the synthetic cohort.", min=100)
@@ -263,10 +270,18 @@ def _run_cohort(workdir: Path, repository: Path, cohort_size: int) -> None:
         if not (models_dir / "fusion" / "metadata.json").is_file():
             console.print("training the image, EMR, fusion and Wisconsin models")
             train_all(cohort_dir, models_dir, seed=0)
-        reports = validate_all(models_dir, workdir / "validation", cohort_dir=cohort_dir)
+        reports = validate_all(
+            models_dir, workdir / "validation", cohort_dir=cohort_dir
+        )
         for report in reports:
             console.print(f"validation: {_report_line(report)}")
-        exported = export_trained_models(models_dir, cohort_dir, repository, seed=0)
+        exported = export_trained_models(
+            models_dir,
+            cohort_dir,
+            repository,
+            seed=0,
+            validation_dir=workdir / "validation",
+        )
     except (ClinferError, ValueError) as exc:
         _fail(exc)
     _copy_model_cards(exported.models, models_dir, repository)

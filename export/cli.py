@@ -92,6 +92,14 @@ def export_trained_command(
         Path | None,
         typer.Option("--report", help="Also write the per-model results as JSON."),
     ] = None,
+    validation_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--validation-dir",
+            help="Output folder of `clinfer validate`: serve each model at its "
+            "report's operating threshold instead of 0.5.",
+        ),
+    ] = None,
     realtime_copies: Annotated[
         bool,
         typer.Option(
@@ -121,6 +129,7 @@ def export_trained_command(
             seed=seed,
             tensorrt=tensorrt,
             options=ServingOptions(realtime_models=realtime_copies),
+            validation_dir=validation_dir,
         )
     except ClinferError as exc:
         _fail(exc)

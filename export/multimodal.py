@@ -12,6 +12,7 @@ fails a gate raises ``clinfer.errors.ParityError`` before anything is published.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Callable, Mapping
@@ -302,6 +303,62 @@ def build_plans(models_dir: Path) -> dict[str, ModelPlan]:
     return plans
 
 
+def apply_validated_thresholds(
+    plans: Mapping[str, ModelPlan], validation_dir: Path
+) -> dict[str, float]:
+    """Set each plan's served threshold to its validation report's operating point.
+
+    ``clinfer validate`` picks the threshold on the validation split and writes it
+    to ``<validation_dir>/<model>/report.json``. A report is used only when its
+    weights SHA-256 matches the plan's trained weights; a model without a matching
+    report keeps the threshold 0.5. The spec records where the threshold came from.
+
+    Returns
+    -------
+    dict
+        {model name: threshold} of the plans whose threshold was set.
+
+    Raises
+    ------
+    ConfigurationError
+        If a report exists but is not valid JSON or has no threshold value.
+    """
+    applied = {}
+    for name, plan in plans.items():
+        path = Path(validation_dir) / name / "report.json"
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            threshold = float(data["threshold"]["value"])
+            weights = data["model"]["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigurationError(
+                f"validation report {path} has no readable threshold ({exc}); "
+                "rerun `clinfer validate` for this model"
+            ) from exc
+        trained = plan.spec["training"]["weights_sha256"]
+        if weights != trained:
+            logger.warning(
+                "validation report %s is for other weights of %s (%s, trained %s); "
+                "keeping threshold %.3f",
+                path,
+                name,
+                weights[:12],
+                trained[:12],
+                plan.spec["threshold"],
+            )
+            continue
+        plan.spec["threshold"] = threshold
+        plan.spec["threshold_source"] = {
+            "report": f"{name}/report.json",
+            "rule": data["threshold"].get("rule"),
+            "decision": data.get("decision", {}).get("overall"),
+        }
+        applied[name] = threshold
+    return applied
+
+
 def _chunks(arrays: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
     total = len(next(iter(arrays.values())))
     return [
@@ -500,6 +557,7 @@ def export_trained_models(
     tensorrt: bool = True,
     options: ServingOptions | None = None,
     on_export: Callable[[ModelExport], None] | None = None,
+    validation_dir: Path | None = None,
 ) -> ExportReport:
     """Export, gate and publish the four trained models and the composition.
 
@@ -523,6 +581,10 @@ def export_trained_models(
         Batching and instance options of the configs.
     on_export
         Called with each model's export after its gates pass.
+    validation_dir
+        Output folder of ``clinfer validate``; each model whose report matches its
+        weights is served at the report's threshold (see
+        :func:`apply_validated_thresholds`), the composition at the fusion model's.
 
     Returns
     -------
@@ -540,6 +602,8 @@ def export_trained_models(
     """
     options = options or ServingOptions()
     plans = build_plans(models_dir)
+    if validation_dir is not None:
+        apply_validated_thresholds(plans, validation_dir)
     cohort = cohort_inputs(cohort_dir)
     real = real_inputs(plans, cohort)
     repository = Path(repository)
