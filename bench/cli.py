@@ -436,7 +436,7 @@ def memory_command(
     out: Annotated[Path | None, _out_option("memory")] = None,
     work_dir: WorkDirOption = None,
 ) -> None:
-    """Measure P5: peak PSS of a large ``clinfer score`` job over a small one."""
+    """Measure P5: peak PSS of a large `clinfer score` job over a small one."""
     from clinfer.bench.pipeline import MemoryConfig, run_p5
 
     config = MemoryConfig(
@@ -556,8 +556,8 @@ def all_command(
 ) -> None:
     """Run every benchmark, write one report and print its summary.
 
-    A benchmark that fails is recorded with its error and the others still run. The
-    command then exits with status 1.
+    A failed benchmark is recorded with its error, the others still run, and the
+    command exits with status 1.
     """
     keys = list(only or BENCHMARKS)
     unknown = [key for key in keys if key not in BENCHMARKS]
