@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,9 @@ from clinfer.errors import (
 logger = logging.getLogger(__name__)
 
 SPEC_PARAMETER = "clinfer_spec"
+# Hosts whose Triton server runs on this machine, so that it can map a POSIX shared
+# memory region that the client creates.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,9 @@ def _multi_input_fields(spec: dict[str, Any]) -> dict[str, Any]:
         "accepts": spec.get("accepts", CHEST_RADIOGRAPH_ACCEPTS),
         "emr_input": "emr" if emr else None,
         "emr_size": int(emr["dims"][0]) if emr else 0,
-        "image_output": "image_probabilities" if "image_probabilities" in outputs else None,
+        "image_output": "image_probabilities"
+        if "image_probabilities" in outputs
+        else None,
         "emr_output": "emr_probabilities" if "emr_probabilities" in outputs else None,
         "saliency_output": "saliency" if "saliency" in outputs else None,
     }
@@ -146,16 +154,43 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
 class TritonModelClient:
     """A gRPC client bound to one model on one Triton server."""
 
-    def __init__(self, url: str, model: str, version: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        version: str | None = None,
+        *,
+        shared_memory: bool = False,
+    ):
+        """Connect to ``url`` (HOST:PORT of Triton's gRPC endpoint).
+
+        With ``shared_memory``, :meth:`infer` passes input tensors through a POSIX
+        shared memory region that the server maps, instead of in the gRPC message,
+        when the server is on a loopback address. Where the region cannot be created
+        or registered, the client logs a warning and sends tensors over gRPC.
+
+        Raises
+        ------
+        ServerError
+            If the gRPC client cannot be created.
+        """
         self.url = url
         self.model = model
         self.version = version
+        host = url.rsplit(":", 1)[0] if ":" in url else url
+        self._input_region: SystemSharedMemoryInput | None = None
+        self._shared_memory = shared_memory and host in LOOPBACK_HOSTS
         try:
             self._client = triton_grpc.InferenceServerClient(url)
         except InferenceServerException as exc:
             raise ServerError(
                 f"cannot create a gRPC client for Triton at {url}: {exc}"
             ) from exc
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """Whether the next :meth:`infer` call may pass its input in shared memory."""
+        return self._shared_memory
 
     def wait_ready(self, *, timeout_s: float = 60.0) -> None:
         """Wait until the model is ready on the server.
@@ -244,7 +279,7 @@ class TritonModelClient:
             If Triton rejects or fails the request.
         """
         tensor = triton_grpc.InferInput(spec.input_name, list(images.shape), "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self._set_input(tensor, images)
         output = triton_grpc.InferRequestedOutput(spec.output_name)
         try:
             result = self._client.infer(
@@ -255,6 +290,9 @@ class TritonModelClient:
                 priority=priority,
             )
         except InferenceServerException as exc:
+            # A restarted server has forgotten the region: register a new one on the
+            # next call.
+            self._release_region()
             raise InferenceError(
                 f"Triton at {self.url} failed a batch of {images.shape[0]} for "
                 f"{spec.name}:{spec.version}: {exc.message()}"
@@ -323,5 +361,106 @@ class TritonModelClient:
                 )
         return arrays
 
+    def _set_input(self, tensor: triton_grpc.InferInput, images: np.ndarray) -> None:
+        """Attach ``images`` to ``tensor``, through shared memory where possible."""
+        array = np.ascontiguousarray(images, dtype=np.float32)
+        if self._shared_memory:
+            try:
+                if (
+                    self._input_region is None
+                    or self._input_region.byte_size < array.nbytes
+                ):
+                    self._release_region()
+                    self._input_region = SystemSharedMemoryInput.register(
+                        self._client, array.nbytes
+                    )
+                self._input_region.write(tensor, array)
+                return
+            except ServerError as exc:
+                logger.warning(
+                    "sending tensors to Triton at %s over gRPC instead of shared "
+                    "memory: %s",
+                    self.url,
+                    exc,
+                )
+                self._release_region()
+                self._shared_memory = False
+        tensor.set_data_from_numpy(array)
+
+    def _release_region(self) -> None:
+        region, self._input_region = self._input_region, None
+        if region is not None:
+            region.release(self._client)
+
     def close(self) -> None:
+        """Release the shared memory region, if any, and close the gRPC channel."""
+        self._release_region()
         self._client.close()
+
+
+class SystemSharedMemoryInput:
+    """A POSIX shared memory region registered with one Triton server for inputs.
+
+    The client writes a batch into the region and sends only its name and size in the
+    request, so Triton reads the tensor without a copy through the gRPC message. The
+    region lives in ``/dev/shm`` until :meth:`release` unlinks it. Python's resource
+    tracker unlinks it if the process exits without that.
+    """
+
+    def __init__(self, memory: shared_memory.SharedMemory, name: str):
+        self.memory = memory
+        self.name = name
+        self.byte_size = memory.size
+
+    @classmethod
+    def register(
+        cls, client: triton_grpc.InferenceServerClient, byte_size: int
+    ) -> SystemSharedMemoryInput:
+        """Create a region of at least ``byte_size`` bytes and register it.
+
+        Raises
+        ------
+        ServerError
+            If the region cannot be created or the server rejects it (a server on
+            another machine or in a container without this ``/dev/shm``).
+        """
+        name = f"clinfer_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        try:
+            memory = shared_memory.SharedMemory(name=name, create=True, size=byte_size)
+        except (OSError, ValueError) as exc:
+            raise ServerError(
+                f"cannot create a shared memory region of {byte_size} bytes in "
+                f"/dev/shm: {exc}"
+            ) from exc
+        try:
+            client.register_system_shared_memory(name, f"/{name}", memory.size)
+        except InferenceServerException as exc:
+            memory.close()
+            memory.unlink()
+            raise ServerError(
+                f"Triton rejected the shared memory region /{name}: {exc.message()}"
+            ) from exc
+        return cls(memory, name)
+
+    def write(self, tensor: triton_grpc.InferInput, array: np.ndarray) -> None:
+        """Copy ``array`` (C-contiguous float32) into the region and point ``tensor`` at it."""
+        view = np.ndarray(array.shape, dtype=np.float32, buffer=self.memory.buf)
+        view[...] = array
+        del view
+        tensor.set_shared_memory(self.name, array.nbytes)
+
+    def release(self, client: triton_grpc.InferenceServerClient) -> None:
+        """Unregister the region from the server and remove it from ``/dev/shm``."""
+        try:
+            client.unregister_system_shared_memory(self.name)
+        except InferenceServerException as exc:
+            logger.warning(
+                "unregistering shared memory region %s failed: %s",
+                self.name,
+                exc.message(),
+            )
+        self.memory.close()
+        try:
+            self.memory.unlink()
+        except FileNotFoundError:
+            pass

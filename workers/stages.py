@@ -155,15 +155,30 @@ class InferStage:
     """
 
     def __init__(
-        self, *, urls: list[str], spec: dict[str, Any], priority: int, retries: int = 3
+        self,
+        *,
+        urls: list[str],
+        spec: dict[str, Any],
+        priority: int,
+        retries: int = 3,
+        shared_memory: bool = False,
     ):
         self.spec = ModelSpec(**{**spec, "labels": tuple(spec["labels"])})
         self.clients = [
-            TritonModelClient(u, self.spec.name, self.spec.version) for u in urls
+            TritonModelClient(
+                u, self.spec.name, self.spec.version, shared_memory=shared_memory
+            )
+            for u in urls
         ]
         self.priority = priority
         self.retries = max(retries, 1)
         self._next = random.randrange(len(self.clients))
+
+    def __del__(self) -> None:
+        # Ray Data drops the UDF when its actor exits gracefully, which releases the
+        # clients' shared memory regions on the servers.
+        for client in getattr(self, "clients", []):
+            client.close()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"].astype(bool)
@@ -197,7 +212,9 @@ class InferStage:
             server[ok] = url
             request_ms[int(np.argmax(ok))] = elapsed_ms
 
-        out = {key: value for key, value in batch.items() if key not in ("tensor", "emr")}
+        out = {
+            key: value for key, value in batch.items() if key not in ("tensor", "emr")
+        }
         out.update(
             scores=scores,
             image_scores=image_scores,
@@ -237,3 +254,76 @@ class InferStage:
                 time.sleep(min(0.5 * 2**attempt, 4.0))
         assert last is not None
         raise last
+
+
+class ScoreStage:
+    """Decode, preprocess and score instances in one actor, one row per frame.
+
+    The float32 model inputs stay in the actor's memory between decoding and the
+    request to Triton, so they are never serialised into Ray's object store. The
+    frames of a batch of instances go to Triton in requests of at most
+    ``request_size`` rows. Rows are as :class:`InferStage` returns them.
+    """
+
+    def __init__(
+        self,
+        *,
+        height: int,
+        width: int,
+        strict: bool,
+        urls: list[str],
+        spec: dict[str, Any],
+        priority: int,
+        request_size: int,
+        retries: int = 3,
+        shared_memory: bool = True,
+    ):
+        if request_size < 1:
+            raise ValueError(
+                f"request_size must be at least 1, got {request_size}; pass the "
+                "frames per Triton request (the job's batch_size)."
+            )
+        self.decode = DecodeStage(height=height, width=width, strict=strict)
+        self.infer = InferStage(
+            urls=urls,
+            spec=spec,
+            priority=priority,
+            retries=retries,
+            shared_memory=shared_memory,
+        )
+        self.request_size = request_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Instances are decoded one at a time and sent as soon as a full request's
+        # frames are waiting, so at most one request plus one instance's frames are
+        # held in memory.
+        waiting: list[dict[str, np.ndarray]] = []
+        waiting_rows = 0
+        scored: list[dict[str, np.ndarray]] = []
+        for index in range(len(batch["path"])):
+            decoded = self.decode(
+                {key: value[index : index + 1] for key, value in batch.items()}
+            )
+            waiting.append(decoded)
+            waiting_rows += len(decoded["ok"])
+            if waiting_rows < self.request_size:
+                continue
+            frames = _concat(waiting)
+            while waiting_rows >= self.request_size:
+                scored.append(self.infer(_rows(frames, 0, self.request_size)))
+                frames = _rows(frames, self.request_size, waiting_rows)
+                waiting_rows -= self.request_size
+            waiting = [frames] if waiting_rows else []
+        if waiting:
+            scored.append(self.infer(_concat(waiting)))
+        return _concat(scored)
+
+
+def _rows(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {key: value[start:stop] for key, value in batch.items()}
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
