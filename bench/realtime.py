@@ -290,7 +290,9 @@ def _write_multimodal_repository(
                 "`clinfer export-trained` first"
             )
         folder = base / name / str(published[-1])
-        files = {path.name: path.read_bytes() for path in folder.iterdir()}
+        files = {
+            path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()
+        }
         info = spec.get("versions", {}).get(str(published[-1]), {})
         info = {key: value for key, value in info.items() if key != "sha256"}
         spec = {key: value for key, value in spec.items() if key != "versions"}

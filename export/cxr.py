@@ -78,7 +78,7 @@ def export_cxr_model(
     *,
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
-    options: TritonConfigOptions = TritonConfigOptions(),
+    options: TritonConfigOptions | None = None,
 ) -> ExportResult:
     """Build, export, parity-check and publish the chest-radiograph classifier.
 
@@ -102,6 +102,10 @@ def export_cxr_model(
             "training_status": "untrained",
         }
         version, created = publish_version(
-            repository, spec, onnx_path, version_info=info, options=options
+            repository,
+            spec,
+            onnx_path,
+            version_info=info,
+            options=options or TritonConfigOptions(),
         )
     return ExportResult(CXR_MODEL_NAME, version, created, parity, repository)

@@ -395,8 +395,14 @@ def remove_realtime_copy(repository: Path, name: str) -> bool:
 def _mirror_version(source: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
+        # The Python backend compiles model.py into __pycache__ beside it once a
+        # server has loaded the model; the copy takes the published files only.
         shutil.copytree(
-            source, staging, copy_function=_link_or_copy, dirs_exist_ok=True
+            source,
+            staging,
+            copy_function=_link_or_copy,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__"),
         )
         if target.is_dir():
             shutil.rmtree(target)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from clinfer.export.cxr import ExportResult, export_cxr_model
+from clinfer.workers.pipeline import LOOPBACK_RAY_ENV
 
 from clinfer.server import EmbeddedTritonServer
-from clinfer.workers.pipeline import LOOPBACK_RAY_ENV
 
 # Keep every Ray service of the tests, and of the commands they start, on loopback
 # (see clinfer.workers.pipeline._init_ray).

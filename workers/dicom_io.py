@@ -23,11 +23,16 @@ from pydicom.pixels import get_decoder, pixel_array
 from pydicom.pixels.utils import get_expected_length
 from pydicom.tag import BaseTag
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     MediaStorageDirectoryStorage,
 )
 
@@ -50,6 +55,19 @@ DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Attributes read into InstanceHeader whose values must not reach messages or logs.
 PHI_KEYWORDS = frozenset({"PatientID", "AccessionNumber"})
+
+# Decoder plugin tried first per transfer syntax, where ``clinfer bench decode``
+# measured it faster than pydicom's default order (GDCM first) on the same frames
+# with equal output. For 12-bit JPEG Extended GDCM fails and pylibjpeg succeeds.
+# When the preferred plugin is missing or fails, every plugin is tried in
+# pydicom's order.
+PREFERRED_PLUGINS: dict[str, str] = {
+    JPEGLSLossless: "pyjpegls",
+    JPEGLSNearLossless: "pyjpegls",
+    JPEGExtended12Bit: "pylibjpeg",
+    JPEG2000Lossless: "pylibjpeg",
+    JPEG2000: "pylibjpeg",
+}
 
 DEFAULT_ACCEPTS: dict[str, list[Any]] = {
     "modalities": ["*"],
@@ -286,7 +304,7 @@ def decode_frames(
         _check_native_length(result, header)
 
     try:
-        frames = pixel_array(ds)
+        frames = _pixel_array(ds, syntax, decoder.available_plugins)
     except RuntimeError as exc:
         raise _plugin_error(header, syntax, exc, decoder.available_plugins) from exc
     except Exception as exc:
@@ -307,6 +325,17 @@ def decode_frames(
         tuple(frames.shape),
     )
     return ds, frames
+
+
+def _pixel_array(ds: Dataset, syntax: UID, plugins: Sequence[str]) -> np.ndarray:
+    """Decode with the preferred plugin of ``syntax``, else with every plugin."""
+    plugin = PREFERRED_PLUGINS.get(syntax)
+    if plugin in plugins:
+        try:
+            return pixel_array(ds, decoding_plugin=plugin)
+        except Exception as exc:  # noqa: BLE001 - the other plugins get their turn
+            logger.debug("plugin %s failed on %s: %s", plugin, syntax.name, exc)
+    return pixel_array(ds)
 
 
 def check_acceptance(

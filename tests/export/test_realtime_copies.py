@@ -49,7 +49,7 @@ def _spec(repository: Path, name: str) -> dict:
 
 def _version_files(repository: Path, name: str, version: int) -> dict[str, bytes]:
     folder = repository / name / str(version)
-    return {path.name: path.read_bytes() for path in folder.iterdir()}
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
 
 
 @pytest.mark.parametrize("name", NAMES)

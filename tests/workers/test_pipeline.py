@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pydicom
 import pytest
 import tritonclient.grpc as triton_grpc
-
-from clinfer.corpus import corpus_dirs, find_test_file
-from clinfer.server import EmbeddedTritonServer
 from clinfer.workers import reasons
 from clinfer.workers.discovery import discover_files
 from clinfer.workers.pipeline import RESULTS_FILE, JobOptions, JobSummary, run_job
 from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
+
+from clinfer.corpus import corpus_dirs, find_test_file
+from clinfer.server import EmbeddedTritonServer
 
 
 def _run(paths: list[Path], out: Path, urls: list[str], **kwargs: object) -> JobSummary:
