@@ -264,6 +264,18 @@ def run(config: DecodeConfig, work_dir: Path) -> BenchResult:
         If the corpus is not installed, a keyword in ``config.syntaxes`` is not
         in :data:`SYNTAX_FILES`, or no syntax could be measured at all.
     """
+    # Decoders that reject a syntax are expected here; pydicom logs each rejection
+    # as an ERROR with a traceback, which would bury the benchmark's own output.
+    decoder_log = logging.getLogger("pydicom.pixels.decoders.base")
+    level = decoder_log.level
+    decoder_log.setLevel(logging.CRITICAL)
+    try:
+        return _run(config, work_dir)
+    finally:
+        decoder_log.setLevel(level)
+
+
+def _run(config: DecodeConfig, work_dir: Path) -> BenchResult:
     work_dir.mkdir(parents=True, exist_ok=True)
     syntaxes = _select_syntaxes(config.syntaxes)
     stage = DecodeStage(height=config.height, width=config.width, strict=False)

@@ -48,8 +48,10 @@ _session: Any = None
 class PipelineConfig:
     """Sizes of one P1 run."""
 
-    instances: int = 1000
-    """Synthetic instances (copies of MR_small.dcm) scored per run."""
+    instances: int = 5000
+    """Synthetic instances (copies of MR_small.dcm) scored per run. A job has a
+    fixed cost of a few seconds (actor start-up, header pass) that a department's
+    tens of thousands of studies amortise, so runs are not made too short."""
     repeats: int = 3
     """Interleaved runs of each side after the warm-up."""
     batch_size: int = 32
