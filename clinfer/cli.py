@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from clinfer.validation.report import ValidationReport
     from clinfer.workers.pipeline import JobSummary
 
+# Frames per Triton request of `clinfer score` and `clinfer run`: the default of
+# clinfer.workers.pipeline.JobOptions.batch_size, not imported here because that
+# module takes a second to import.
+DEFAULT_BATCH_SIZE = 8
+
 app = typer.Typer(
     help="Clinical ML inference on Triton Inference Server with Ray workers.",
     no_args_is_help=True,
@@ -160,7 +165,9 @@ def score(
     repository: Annotated[
         Path, typer.Option(help="Model repository for the embedded server.")
     ] = DEFAULT_REPOSITORY,
-    batch_size: Annotated[int, typer.Option(help="Frames per Triton request.")] = 32,
+    batch_size: Annotated[
+        int, typer.Option(help="Frames per Triton request.")
+    ] = DEFAULT_BATCH_SIZE,
     infer_actors: Annotated[int, typer.Option(help="Ray actors sending requests.")] = 2,
     strict: Annotated[
         bool, typer.Option(help="Reject DICOM files without a preamble or file meta.")
@@ -247,7 +254,9 @@ def run(
     export(repository=repository, seed=0, tolerance=1e-4)
     dirs = corpus_dirs()
     console.print("corpus: " + ", ".join(str(d) for d in dirs))
-    _run_score(dirs, out, [], None, DEFAULT_MODEL, repository, 32, 2, False, 64)
+    _run_score(
+        dirs, out, [], None, DEFAULT_MODEL, repository, DEFAULT_BATCH_SIZE, 2, False, 64
+    )
     if not corpus_only:
         _run_cohort(workdir, repository, cohort_size)
 
@@ -295,7 +304,7 @@ def _run_cohort(workdir: Path, repository: Path, cohort_size: int) -> None:
         None,
         "multimodal",
         repository,
-        32,
+        DEFAULT_BATCH_SIZE,
         2,
         False,
         64,

@@ -19,7 +19,13 @@ from clinfer.server import EmbeddedTritonServer, free_port
 
 BIN = Path(sys.executable).parent
 CLINFER = str(BIN / "clinfer")
-PHI_FILES = ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "JPEG2000.dcm", "rtplan.dcm"]
+PHI_FILES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "emri_small.dcm",
+    "JPEG2000.dcm",
+    "rtplan.dcm",
+]
 # `ray start` clusters use token authentication (Ray 2.60); the driver needs the same
 # mode to send the token that `ray start` saved in ~/.ray/auth_token.
 RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
@@ -51,9 +57,19 @@ def test_score_logs_no_phi(
     phi_folder: Path, triton_server: EmbeddedTritonServer, tmp_path: Path
 ) -> None:
     result = subprocess.run(
-        [CLINFER, "--verbose", "score", str(phi_folder), "--out", str(tmp_path / "out"),
-         "--triton-url", triton_server.grpc_url],
-        capture_output=True, text=True, timeout=600,
+        [
+            CLINFER,
+            "--verbose",
+            "score",
+            str(phi_folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--triton-url",
+            triton_server.grpc_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     phi = _phi_values(phi_folder)
@@ -67,9 +83,18 @@ def test_score_prints_summary(
     phi_folder: Path, triton_server: EmbeddedTritonServer, tmp_path: Path
 ) -> None:
     result = subprocess.run(
-        [CLINFER, "score", str(phi_folder), "--out", str(tmp_path / "out"),
-         "--triton-url", triton_server.grpc_url],
-        capture_output=True, text=True, timeout=600,
+        [
+            CLINFER,
+            "score",
+            str(phi_folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--triton-url",
+            triton_server.grpc_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "instances scored in this run" in result.stdout
@@ -82,9 +107,18 @@ def test_score_embedded_server_by_default(
     phi_folder: Path, model_repository: Path, tmp_path: Path
 ) -> None:
     result = subprocess.run(
-        [CLINFER, "score", str(phi_folder), "--out", str(tmp_path / "out"),
-         "--repository", str(model_repository)],
-        capture_output=True, text=True, timeout=600,
+        [
+            CLINFER,
+            "score",
+            str(phi_folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--repository",
+            str(model_repository),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "tritonserver stopped" in result.stderr
@@ -93,8 +127,18 @@ def test_score_embedded_server_by_default(
 
 def test_score_rejects_bad_model_ref(phi_folder: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [CLINFER, "score", str(phi_folder), "--out", str(tmp_path), "--model", "cxr:one"],
-        capture_output=True, text=True, timeout=120,
+        [
+            CLINFER,
+            "score",
+            str(phi_folder),
+            "--out",
+            str(tmp_path),
+            "--model",
+            "cxr:one",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "NAME:VERSION" in result.stderr
@@ -108,10 +152,21 @@ def test_score_joins_ray_cluster(
     # must be short because Ray puts Unix sockets in it.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--block",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
+            "--block",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         env={**RAY_ENV, "RAY_USAGE_STATS_ENABLED": "0"},
     )
     try:
@@ -120,10 +175,21 @@ def test_score_joins_ray_cluster(
         result = None
         while time.monotonic() < deadline:
             result = subprocess.run(
-                [CLINFER, "score", str(phi_folder), "--out", str(tmp_path / "out"),
-                 "--triton-url", triton_server.grpc_url,
-                 "--ray-address", f"127.0.0.1:{port}"],
-                capture_output=True, text=True, timeout=600, env=RAY_ENV,
+                [
+                    CLINFER,
+                    "score",
+                    str(phi_folder),
+                    "--out",
+                    str(tmp_path / "out"),
+                    "--triton-url",
+                    triton_server.grpc_url,
+                    "--ray-address",
+                    f"127.0.0.1:{port}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env=RAY_ENV,
             )
             if result.returncode == 0 or "connect" not in result.stderr.lower():
                 break
@@ -138,3 +204,14 @@ def test_score_joins_ray_cluster(
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_score_batch_default_is_job_default() -> None:
+    from dataclasses import fields
+
+    from clinfer.workers.pipeline import JobOptions
+
+    from clinfer.cli import DEFAULT_BATCH_SIZE
+
+    defaults = {f.name: f.default for f in fields(JobOptions)}
+    assert DEFAULT_BATCH_SIZE == defaults["batch_size"]

@@ -71,8 +71,11 @@ class JobOptions:
     model: str
     version: str | None = None
     ray_address: str | None = None
-    # Frames per Triton request, capped by the model's max_batch_size.
-    batch_size: int = 32
+    # Frames per Triton request, capped by the model's max_batch_size. 8 is the
+    # operating point that `clinfer bench sweep` and `clinfer bench serving` chose
+    # on a 2-core CPU server (docs/bench/report.md): the smallest batch within 5 %
+    # of the peak throughput. Rerun them to size a GPU server.
+    batch_size: int = 8
     # Ray actors that each decode and preprocess instances and send their frames to
     # Triton (one CPU each).
     infer_actors: int = 2

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from clinfer.bench.serving import (
 )
 from clinfer.export.cxr import cxr_spec
 from clinfer.export.repository import TritonConfigOptions
+from clinfer.workers.pipeline import JobOptions
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,8 @@ def test_perf_analyzer_repeats(result: BenchResult) -> None:
 def test_chosen_from_sweep(result: BenchResult) -> None:
     assert result.chosen["batch_size"] in ServingConfig.small().sweep_batch_sizes
     assert result.chosen["concurrency"] in ServingConfig.small().sweep_concurrency
-    assert result.chosen["workers_default_batch_size"] == 32
+    default = {f.name: f.default for f in fields(JobOptions)}["batch_size"]
+    assert result.chosen["workers_default_batch_size"] == default
 
 
 def test_result_is_json(result: BenchResult) -> None:
