@@ -43,6 +43,7 @@ from tritonclient.utils import InferenceServerException
 from clinfer.errors import (
     ClinferError,
     DicomInputError,
+    EmrInputError,
     ModelSpecError,
     QueryError,
     ServerUnavailableError,
@@ -318,19 +319,25 @@ def _use_realtime(batch: ServedModel, realtime: ServedModel, url: str) -> Served
 def _emr_array(
     model: ServedModel, record: Mapping[str, Any], frames: int
 ) -> np.ndarray:
-    # NOTE: no served model has an emr input yet, so this layout is untested. It
-    # sends one FP32 row per frame, in the order of the spec's emr.features list.
+    # One FP32 row per frame, in the order of the spec's emr.features list.
     if not model.emr_features:
         raise ModelSpecError(
             f"model {model.spec.name!r} has an {EMR_INPUT!r} input but its clinfer "
             "spec has no emr.features list; re-export it with the feature order."
         )
+    from clinfer.train.emr import model_inputs
+
     try:
-        row = [float(record[name]) for name in model.emr_features]
-    except (KeyError, TypeError, ValueError) as exc:
+        values = model_inputs(record)
+        row = [values[name] for name in model.emr_features]
+    except ValueError as exc:
+        raise EmrInputError(
+            f"invalid EMR record for {model.spec.name!r}: {exc}."
+        ) from exc
+    except KeyError as exc:
         raise QueryError(
-            f"the EMR record lacks a numeric value for a feature of "
-            f"{model.spec.name!r} ({exc}); it needs {list(model.emr_features)}."
+            f"model {model.spec.name!r} needs the EMR input {exc}, which this clinfer "
+            f"version does not derive; it derives {list(values)}."
         ) from exc
     return np.tile(np.asarray(row, dtype=np.float32), (frames, 1))
 
@@ -709,6 +716,8 @@ class Client:
                 record = load_emr(emr, study.headers[0])
             try:
                 response = self._infer(url, model, study, record)
+            except EmrInputError:
+                raise
             except SERVER_ERRORS as exc:
                 _record_failure(errors, self.model, url, exc)
                 continue
@@ -895,6 +904,8 @@ class AsyncClient:
                 record = load_emr(emr, study.headers[0])
             try:
                 response = await self._infer(url, model, study, record)
+            except EmrInputError:
+                raise
             except SERVER_ERRORS as exc:
                 _record_failure(errors, self.model, url, exc)
                 continue

@@ -50,7 +50,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("ray", "ray.data", "urllib3", "highdicom"):
+    for noisy in ("ray", "ray.data", "urllib3", "highdicom", "openjpeg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -82,3 +82,7 @@ class ServerUnavailableError(ServerError):
 
 class QueryError(ClinferError):
     """A real-time query was invalid or its result could not be built."""
+
+
+class EmrInputError(QueryError):
+    """The EMR record given with a query is invalid; the message names the value."""

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from clinfer.errors import (
     ConfigurationError,
     DicomInputError,
+    EmrInputError,
     ModelSpecError,
     QueryError,
     ServerUnavailableError,
@@ -380,6 +381,7 @@ class GatewayMetrics:
 # Outcome label values of client queries, by the exception that ended the query.
 QUERY_OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
     (DicomInputError, "invalid_input"),
+    (EmrInputError, "invalid_input"),
     (ServerUnavailableError, "server_unavailable"),
     (QueryError, "rejected"),
     (ModelSpecError, "model_error"),

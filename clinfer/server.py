@@ -172,9 +172,7 @@ class EmbeddedTritonServer:
                 f"model repository {repository} does not exist; run `clinfer export` first."
             )
         binary, libs, _ = tritonserver_paths()
-        backend_dir = (
-            self.backend_dir or default_backend_dir()
-        )
+        backend_dir = self.backend_dir or default_backend_dir()
         backend_dir = prepare_backend_dir(Path(backend_dir))
 
         for name in ("http_port", "grpc_port", "metrics_port"):

@@ -268,7 +268,8 @@ def run_job(
                 alternates[uid].pop(0) for uid in sorted(failed) if alternates.get(uid)
             ]
             if instances:
-                _join_emr(instances, spec, options.emr_csv, job_id)
+                emr_failures = _join_emr(instances, spec, options.emr_csv, job_id)
+                store.record_failures(emr_failures, job_id)
                 logger.info(
                     "job %s: trying other copies of %d instances that failed",
                     job_id,
@@ -502,7 +503,7 @@ def _scan(
             continue
         seen[uid] = path
         instances.append(_instance_row(path, uid, row))
-    _join_emr(instances, spec, options.emr_csv, job_id)
+    failures.extend(_join_emr(instances, spec, options.emr_csv, job_id))
     store.record_failures(failures, job_id)
     store.record_files(file_rows)
     recorder.rejected(failures, in_flight=False)
@@ -573,11 +574,14 @@ def _instance_row(path: str, uid: str, row: dict[str, Any]) -> dict[str, Any]:
 
 def _join_emr(
     instances: list[dict[str, Any]], spec: ModelSpec, emr_csv: Path | None, job_id: str
-) -> None:
+) -> list[Failure]:
     """Attach EMR features to each instance by (PatientID, AccessionNumber).
 
     An instance without an EMR row is scored by the image model alone and stored
-    with ``emr_status = "missing"``.
+    with ``emr_status = "missing"``. An instance whose EMR row has an invalid value
+    is removed from ``instances`` and returned as an ``invalid_emr`` failure naming
+    the line, column and value; failed files are read again by the next run, so
+    correcting the row and rerunning scores it.
 
     Raises
     ------
@@ -588,7 +592,7 @@ def _join_emr(
     if not spec.emr_input:
         for instance in instances:
             instance["emr_status"] = EMR_NOT_USED
-        return
+        return []
     if emr_csv is None:
         raise ConfigurationError(
             f"model {spec.name} takes an EMR input; pass --emr FILE (a CSV as "
@@ -596,13 +600,30 @@ def _join_emr(
         )
     from clinfer.train.emr import emr_features, read_emr_csv
 
+    invalid: dict[tuple[str, str], str] = {}
     try:
-        records = read_emr_csv(Path(emr_csv))
+        records = read_emr_csv(Path(emr_csv), invalid=invalid)
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"cannot read the EMR file {emr_csv}: {exc}") from exc
     joined = 0
+    failures = []
+    kept = []
     for instance in instances:
-        record = records.get((instance["patient_id"], instance["accession_number"]))
+        key = (instance["patient_id"], instance["accession_number"])
+        if key in invalid:
+            failures.append(
+                Failure(
+                    instance["path"],
+                    reasons.FAILED,
+                    reasons.INVALID_EMR,
+                    f"{instance['path']}: {invalid[key]}; correct the EMR row of this "
+                    "study and rerun the job, which retries failed files.",
+                    instance["sop_instance_uid"],
+                )
+            )
+            continue
+        kept.append(instance)
+        record = records.get(key)
         if record is None:
             instance["emr"] = [0.0] * spec.emr_size
             instance["emr_status"] = EMR_MISSING
@@ -617,6 +638,7 @@ def _join_emr(
         instance["emr"] = features
         instance["emr_status"] = EMR_JOINED
         joined += 1
+    instances[:] = kept
     logger.info(
         "job %s: EMR rows joined for %d of %d instances; the others are scored by "
         "the image model alone",
@@ -624,6 +646,14 @@ def _join_emr(
         joined,
         len(instances),
     )
+    if failures:
+        logger.warning(
+            "job %s: %d instances not scored because their EMR rows are invalid "
+            "(reason invalid_emr in the failures table)",
+            job_id,
+            len(failures),
+        )
+    return failures
 
 
 def _score(

@@ -21,6 +21,8 @@ UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
 DECODE_FAILED = "decode_failed"
 PREPROCESS_FAILED = "preprocess_failed"
 INFERENCE_FAILED = "inference_failed"
+# The study's EMR row has a value that does not parse or is out of range.
+INVALID_EMR = "invalid_emr"
 
 # Skipped: valid input that this job or model does not score.
 DICOMDIR = "dicomdir"
@@ -38,6 +40,7 @@ FAILED_REASONS = frozenset(
         INVALID_DICOM,
         MISSING_UID,
         NO_PIXEL_DATA,
+        INVALID_EMR,
         UNSUPPORTED_TRANSFER_SYNTAX,
         DECODE_FAILED,
         PREPROCESS_FAILED,

@@ -170,7 +170,9 @@ class ResultStore:
             ("outputs_json", "TEXT NOT NULL DEFAULT '{}'"),
         ):
             if name not in columns:
-                self._db.execute(f"ALTER TABLE instances ADD COLUMN {name} {definition}")
+                self._db.execute(
+                    f"ALTER TABLE instances ADD COLUMN {name} {definition}"
+                )
 
     @property
     def _model(self) -> tuple[str, str]:

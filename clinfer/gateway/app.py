@@ -40,6 +40,7 @@ from clinfer.gateway.auth import QUERY_SCOPE, TokenEntry, hash_token, load_token
 from clinfer.gateway.store import RESULTS_FILE, ResultStore, StoredResult
 from clinfer.metrics import GatewayMetrics
 from clinfer.privacy import short_hash
+from clinfer.train.emr import EMR_COLUMNS, EmrValueError, model_inputs
 from clinfer.workers.preprocess import PreprocessConfig, load_and_preprocess
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,30 @@ def _check_emr_fields(record: dict[str, Any], features: Sequence[str]) -> None:
             raise QueryError(f"EMR field {name!r} must be a finite number")
 
 
+def _derive_emr(record: dict[str, Any], features: Sequence[str]) -> dict[str, Any]:
+    """Return the model inputs of a record given as raw EMR CSV columns.
+
+    A record with a model input that is not also a raw column (such as
+    ``sex_male``) is taken as model inputs and returned unchanged.
+
+    Raises
+    ------
+    _GatewayError
+        422 naming the field, if a raw value is missing or invalid.
+    """
+    derived_only = set(features) - set(EMR_COLUMNS)
+    if derived_only & set(record):
+        return record
+    try:
+        return dict(model_inputs(record))
+    except EmrValueError as exc:
+        raise _GatewayError(
+            422,
+            {"field": exc.column, "message": f"invalid EMR: {exc}"},
+            "invalid_emr",
+        ) from exc
+
+
 def _emr_field(message: str) -> str | None:
     match = re.search(r"EMR field '([^']+)'", message)
     return match.group(1) if match else None
@@ -310,6 +335,7 @@ def _run_query(
                 },
                 "invalid_emr",
             )
+        record = _derive_emr(record, served.emr_features)
         try:
             _check_emr_fields(record, served.emr_features)
         except QueryError as exc:

@@ -35,7 +35,7 @@ def gateway_command(
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = DEFAULT_PORT,
     audit_log: Annotated[
         Path, typer.Option(help="Append-only JSON-lines audit log file.")
-    ] = Path("gateway-audit.jsonl"),
+    ] = Path("results/gateway/audit.jsonl"),
     storage: Annotated[
         Path | None,
         typer.Option(help="Folder that query-by-reference paths are relative to."),

@@ -168,7 +168,8 @@ class PrometheusServer:
         if self.process is not None:
             raise ServerError("prometheus is already running")
         binary = find_prometheus()
-        workdir = Path(self.workdir)
+        # prometheus runs inside workdir, so the paths it gets must be absolute.
+        self.workdir = workdir = Path(self.workdir).resolve()
         (workdir / "data").mkdir(parents=True, exist_ok=True)
         (workdir / FILE_SD_DIR).mkdir(exist_ok=True)
         if self.port == 0:

@@ -6,7 +6,7 @@ import csv
 import logging
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -201,6 +201,44 @@ def emr_features(record: EmrRecord) -> list[float]:
     ]
 
 
+def model_inputs(record: Mapping[str, Any]) -> dict[str, float]:
+    """Return the model inputs of one EMR record given as a mapping.
+
+    ``record`` has either the derived inputs (every name of ``EMR_FEATURES``) or
+    the raw columns of the EMR CSV (``age_years``, ``sex``, ``crp_mg_per_l``,
+    ``smoking_status``, ...), as a row of the CSV or a JSON object with those keys;
+    raw columns are converted with :func:`emr_features`, the same code the scoring
+    job uses. ``patient_id``, ``accession_number`` and ``study_date`` are optional.
+
+    Raises
+    ------
+    ValueError
+        If a value is missing, does not parse or is out of range; the message names
+        the column and the value.
+    """
+    if all(name in record for name in EMR_FEATURES):
+        values = {}
+        for name in EMR_FEATURES:
+            try:
+                values[name] = float(record[name])
+            except (TypeError, ValueError):
+                raise EmrValueError(
+                    name, f"{name} has {record[name]!r}, which is not a number"
+                ) from None
+        return values
+    optional = {"patient_id": "", "accession_number": "", "study_date": ""}
+    row = {**optional, **{key: record[key] for key in record}}
+    absent = [name for name in EMR_COLUMNS if name not in row]
+    if absent:
+        raise EmrValueError(
+            absent[0],
+            f"the EMR record lacks {absent}; give the EMR CSV columns "
+            f"{list(EMR_COLUMNS[3:])} or the model inputs {list(EMR_FEATURES)}",
+        )
+    parsed = _parse_row({key: str(value) for key, value in row.items()})
+    return dict(zip(EMR_FEATURES, emr_features(parsed), strict=True))
+
+
 def write_emr_csv(records: Iterable[EmrRecord], path: Path) -> None:
     """Write EMR records as CSV with a header row of ``EMR_COLUMNS``."""
     with path.open("w", newline="", encoding="utf-8") as handle:
@@ -210,16 +248,28 @@ def write_emr_csv(records: Iterable[EmrRecord], path: Path) -> None:
             writer.writerow(asdict(record))
 
 
-def read_emr_csv(path: Path) -> dict[tuple[str, str], EmrRecord]:
+def read_emr_csv(
+    path: Path, *, invalid: dict[tuple[str, str], str] | None = None
+) -> dict[tuple[str, str], EmrRecord]:
     """Read an EMR CSV written by ``write_emr_csv``, keyed by (PatientID, Accession).
+
+    Parameters
+    ----------
+    path
+        The CSV file.
+    invalid
+        When given, a row whose values do not parse (or whose CRP or WBC is not
+        positive, or whose sex or smoking status is not a known code) is left out
+        and its message, naming the line, column and value, is stored here under
+        the row's key; the other rows are still read. Without it such a row
+        raises.
 
     Raises
     ------
     ValueError
-        If a column is missing, a value does not parse, or a key repeats.
+        If a column is missing, a key repeats, or (without ``invalid``) a value does
+        not parse.
     """
-    converters: dict[str, Any] = {field.name: field.type for field in fields(EmrRecord)}
-    casts = {"int": int, "float": float, "str": str}
     records: dict[tuple[str, str], EmrRecord] = {}
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
@@ -227,22 +277,59 @@ def read_emr_csv(path: Path) -> dict[tuple[str, str], EmrRecord]:
         if missing:
             raise ValueError(f"EMR CSV {path} is missing columns {sorted(missing)}")
         for line, row in enumerate(reader, start=2):
-            try:
-                values = {
-                    name: casts[str(converters[name])](row[name])
-                    for name in EMR_COLUMNS
-                }
-            except ValueError as exc:
-                raise ValueError(f"EMR CSV {path} line {line}: {exc}") from exc
-            record = EmrRecord(**values)
-            key = (record.patient_id, record.accession_number)
+            key = (row["patient_id"], row["accession_number"])
             if key in records:
                 raise ValueError(
                     f"EMR CSV {path} line {line} repeats a PatientID and "
                     "AccessionNumber pair of an earlier line"
                 )
-            records[key] = record
+            try:
+                records[key] = _parse_row(row)
+            except ValueError as exc:
+                message = f"EMR CSV {path} line {line}: {exc}"
+                if invalid is None:
+                    raise ValueError(message) from exc
+                invalid[key] = message
     return records
+
+
+class EmrValueError(ValueError):
+    """An EMR value that is missing, does not parse or is out of range."""
+
+    def __init__(self, column: str | None, message: str) -> None:
+        super().__init__(message)
+        self.column = column
+
+
+_CASTS: dict[str, Any] = {"int": int, "float": float, "str": str}
+_CODES = {"sex": ("F", "M"), "smoking_status": ("never", "former", "current")}
+_POSITIVE = ("crp_mg_per_l", "wbc_10e9_per_l")
+
+
+def _parse_row(row: dict[str, str]) -> EmrRecord:
+    """Build a record from one CSV row; the error names the column and value."""
+    values: dict[str, Any] = {}
+    for field in fields(EmrRecord):
+        text = row[field.name]
+        kind = str(field.type)
+        try:
+            values[field.name] = _CASTS[kind](text)
+        except ValueError:
+            raise EmrValueError(
+                field.name,
+                f"column {field.name} has {text!r}, which is not a {kind} value",
+            ) from None
+    for name, codes in _CODES.items():
+        if values[name] not in codes:
+            raise EmrValueError(
+                name, f"column {name} has {values[name]!r}, expected one of {codes}"
+            )
+    for name in _POSITIVE:
+        if not values[name] > 0:
+            raise EmrValueError(
+                name, f"column {name} has {values[name]!r}, expected a value > 0"
+            )
+    return EmrRecord(**values)
 
 
 def _resource_id(seed: int, index: int, role: str) -> str:

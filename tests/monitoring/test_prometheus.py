@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+import pytest
 
 from clinfer.monitoring.prometheus import PrometheusServer
 
@@ -80,3 +83,16 @@ def test_targets_healthy(prometheus: PrometheusServer) -> None:
     _wait_for(prometheus, 'up{job="triton"}')
     for job in ("triton", "clinfer_job"):
         assert _scalar(prometheus.query(f'up{{job="{job}"}}')) == 1, job
+
+
+def test_relative_workdir_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    server = PrometheusServer(Path("results/monitoring/prometheus"), [], port=0)
+    server.start()
+    try:
+        running = server.process is not None and server.process.poll() is None
+    finally:
+        server.stop()
+    assert running
