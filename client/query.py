@@ -473,9 +473,7 @@ def build_result(
         triton_model=spec.name,
         model_version=spec.version,
         model_sha256=spec.sha256,
-        model_training=str(
-            spec.training.get("note") or spec.training.get("status", "")
-        ),
+        model_training=spec.training_note,
         labels=spec.labels,
         threshold=spec.threshold,
         label=_label(spec, study_score),

@@ -60,6 +60,22 @@ class ModelSpec:
     def positive_index(self) -> int:
         return self.labels.index(self.positive_label)
 
+    @property
+    def training_note(self) -> str:
+        """How the model was trained, in words; for a composition, its parts'."""
+        note = self.training.get("note") or self.training.get("status")
+        if note:
+            return str(note)
+        parts = {
+            name: str(part.get("note") or part.get("status", ""))
+            for name, part in self.training.items()
+            if isinstance(part, dict)
+        }
+        notes = sorted({text for text in parts.values() if text})
+        if not notes:
+            return ""
+        return f"composes {', '.join(parts)}: {'; '.join(notes)}"
+
     @classmethod
     def from_config(cls, config: dict[str, Any], version: str) -> ModelSpec:
         """Build a spec from Triton's JSON model config and a served version.

@@ -212,9 +212,7 @@ def run_job(
         spec.name,
         spec.version,
         spec.sha256,
-        model_training=str(
-            spec.training.get("note") or spec.training.get("status", "")
-        ),
+        model_training=spec.training_note,
     )
     store.start_job(job_id)
     report = progress or (lambda stage, done, total: None)

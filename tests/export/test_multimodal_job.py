@@ -200,3 +200,8 @@ def test_job_requires_emr_for_multimodal(
     )
     with pytest.raises(ConfigurationError, match="--emr"):
         run_job(options)
+
+
+def test_summary_names_training(multimodal_job: tuple[Path, JobSummary]) -> None:
+    _, summary = multimodal_job
+    assert "synthetic" in summary.model_training
