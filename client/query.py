@@ -549,7 +549,32 @@ def _translate(url: str, model: str, exc: InferenceServerException) -> ClinferEr
     )
 
 
-class Client:
+class _ClientBase:
+    """Settings and per-server caches of the real-time clients."""
+
+    _clients: dict[str, Any]
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        model: str = DEFAULT_MODEL,
+        version: str | None = None,
+        *,
+        priority: int = REALTIME_PRIORITY,
+        timeout_s: float = 30.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.urls = _normalise_urls(urls)
+        self.model = model
+        self.version = version
+        self.priority = priority
+        self.timeout_s = timeout_s
+        self.metrics = client_query_metrics(registry) if registry is not None else None
+        self._clients = {}
+        self._models: dict[str, ServedModel] = {}
+
+
+class Client(_ClientBase):
     """Synchronous real-time client for one model on one or more Triton servers.
 
     Servers are tried in the given order. A server that is unreachable or rejects
@@ -572,24 +597,7 @@ class Client:
         class and outcome (``clinfer_client_query_seconds``). None records nothing.
     """
 
-    def __init__(
-        self,
-        urls: str | Sequence[str],
-        model: str = DEFAULT_MODEL,
-        version: str | None = None,
-        *,
-        priority: int = REALTIME_PRIORITY,
-        timeout_s: float = 30.0,
-        registry: CollectorRegistry | None = None,
-    ) -> None:
-        self.urls = _normalise_urls(urls)
-        self.model = model
-        self.version = version
-        self.priority = priority
-        self.timeout_s = timeout_s
-        self.metrics = client_query_metrics(registry) if registry is not None else None
-        self._clients: dict[str, triton_grpc.InferenceServerClient] = {}
-        self._models: dict[str, ServedModel] = {}
+    _clients: dict[str, triton_grpc.InferenceServerClient]
 
     def __enter__(self) -> Client:
         return self
@@ -772,31 +780,14 @@ class Client:
         return _merge(responses)
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """asyncio real-time client; the same contract as :class:`Client`.
 
     File reading and preprocessing run in a worker thread (``asyncio.to_thread``) so
     the event loop stays free while a study is decoded.
     """
 
-    def __init__(
-        self,
-        urls: str | Sequence[str],
-        model: str = DEFAULT_MODEL,
-        version: str | None = None,
-        *,
-        priority: int = REALTIME_PRIORITY,
-        timeout_s: float = 30.0,
-        registry: CollectorRegistry | None = None,
-    ) -> None:
-        self.urls = _normalise_urls(urls)
-        self.model = model
-        self.version = version
-        self.priority = priority
-        self.timeout_s = timeout_s
-        self.metrics = client_query_metrics(registry) if registry is not None else None
-        self._clients: dict[str, triton_aio.InferenceServerClient] = {}
-        self._models: dict[str, ServedModel] = {}
+    _clients: dict[str, triton_aio.InferenceServerClient]
 
     async def __aenter__(self) -> AsyncClient:
         return self

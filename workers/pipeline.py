@@ -605,7 +605,7 @@ def _join_emr(
         raise ConfigurationError(f"cannot read the EMR file {emr_csv}: {exc}") from exc
     joined = 0
     failures = []
-    kept = []
+    to_score = []
     for instance in instances:
         key = (instance["patient_id"], instance["accession_number"])
         if key in invalid:
@@ -620,7 +620,7 @@ def _join_emr(
                 )
             )
             continue
-        kept.append(instance)
+        to_score.append(instance)
         record = records.get(key)
         if record is None:
             instance["emr"] = [0.0] * spec.emr_size
@@ -636,7 +636,7 @@ def _join_emr(
         instance["emr"] = features
         instance["emr_status"] = EMR_JOINED
         joined += 1
-    instances[:] = kept
+    instances[:] = to_score
     logger.info(
         "job %s: EMR rows joined for %d of %d instances; the others are scored by "
         "the image model alone",
