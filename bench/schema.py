@@ -70,7 +70,7 @@ class Plot:
 
 @dataclass
 class BenchResult:
-    """What one benchmark measured.
+    """Measurements of one benchmark.
 
     ``name`` is a short id (``p1``, ``p2``, ``p4``, ``p5``, ``sweep_pipeline``,
     ...), ``command`` the command line that reproduces it, ``raw`` every figure the

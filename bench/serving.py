@@ -148,7 +148,7 @@ def server_options(config: ServingConfig) -> TritonConfigOptions:
     """Return the export defaults with the thread count and batch size of the run.
 
     ``max_batch_size`` is raised to the largest batch size measured, and preferred
-    batch sizes above it are dropped; the real-time model is left out because only
+    batch sizes above it are dropped. The real-time model is left out, because only
     batch-priority requests are timed.
     """
     defaults = TritonConfigOptions()
@@ -551,7 +551,7 @@ def _ratio(
 
 @dataclass
 class _Context:
-    """What the measurements share: the server's clients, tensors and session."""
+    """Server clients, tensors and ONNX Runtime session shared by the measurements."""
 
     config: ServingConfig
     spec: ModelSpec

@@ -53,11 +53,11 @@ GATEWAY_TOKENS_FILE = "tokens.json"
 class MonitoringStack:
     """Embedded Triton, the gateway, the ``clinfer_worker`` endpoint and Prometheus.
 
-    Prometheus scrapes Triton's metrics, the gateway's ``/metrics``, the worker
-    endpoint (GPU metrics from NVML and this process's CPU and memory), scoring jobs
-    on ``job_metrics_port`` (a job serves metrics there while it runs when started
-    with that port), every target in ``extra_targets`` and the file_sd files in
-    ``WORKDIR/prometheus/targets/``. Ports of 0 are replaced by free ports at start.
+    Prometheus scrapes Triton's metrics, the gateway's ``/metrics`` and the worker
+    endpoint (GPU metrics from NVML and this process's CPU and memory). It also
+    scrapes scoring jobs on ``job_metrics_port``, where a job started with that port
+    serves metrics while it runs, every target in ``extra_targets``, and the file_sd
+    files in ``WORKDIR/prometheus/targets/``. Ports of 0 are replaced by free ports at start.
 
     The gateway serves the Triton server's model ``gateway_model`` and keeps its
     audit log and results under ``WORKDIR/gateway``. Without ``gateway_tokens``, a

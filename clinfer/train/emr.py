@@ -206,8 +206,8 @@ def model_inputs(record: Mapping[str, Any]) -> dict[str, float]:
 
     ``record`` has either the derived inputs (every name of ``EMR_FEATURES``) or
     the raw columns of the EMR CSV (``age_years``, ``sex``, ``crp_mg_per_l``,
-    ``smoking_status``, ...), as a row of the CSV or a JSON object with those keys;
-    raw columns are converted with :func:`emr_features`, the same code the scoring
+    ``smoking_status``, ...), as a row of the CSV or a JSON object with those keys.
+    Raw columns are converted with :func:`emr_features`, the same code the scoring
     job uses. ``patient_id``, ``accession_number`` and ``study_date`` are optional.
 
     Raises
