@@ -462,9 +462,11 @@ class PerfAnalyzerRun:
             *("--measurement-mode", "count_windows"),
             *("--measurement-request-count", str(request_count)),
             # A shared 2-core machine rarely keeps three windows within the default
-            # 10 %, so the stability check is relaxed and the windows are merged.
-            *("--stability-percentage", "1000", "--max-trials", "4"),
-            *("--percentile", "99", "--shared-memory", self.shared_memory),
+            # 10 %, so the stability check is relaxed. It compares average latency,
+            # because the p99 of a short window varies too much; the CSV still
+            # reports p50, p95 and p99.
+            *("--stability-percentage", "1000", "--max-trials", "10"),
+            *("--shared-memory", self.shared_memory),
             *("-f", str(report)),
         ]
         try:
